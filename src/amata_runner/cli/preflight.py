@@ -1,0 +1,104 @@
+"""Compose and check a command line the way Hydra will, before Hydra touches the disk.
+
+Hydra creates the run directory before the task function runs, and reports composition problems
+(an unknown option, a wrong type) over several lines.  Doing the composition here first lets every
+mistake surface as one :class:`ConfigError` line and keeps outputs/ clean.  Command lines that only
+inspect (``--help``, ``--cfg``, ``--info``) or change where configs come from are left to Hydra.
+"""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+from amata_runner.config import resolve_config
+from amata_runner.data import check_available
+from amata_runner.errors import ConfigError
+
+_INSPECT_FLAGS = (
+    "help",
+    "hydra_help",
+    "version",
+    "cfg",
+    "info",
+    "shell_completion",
+    "config_path",
+    "config_dir",
+    "config_name",
+    "experimental_rerun",
+)
+
+
+def job_overrides(argv: list[str]) -> list[list[str]] | None:
+    """The override list of every job the command line would run, or None to leave it to Hydra."""
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # argparse already printed its usage error; Hydra will repeat it
+        return None
+    if any(getattr(args, flag, None) for flag in _INSPECT_FLAGS):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException as exc:
+        raise ConfigError("override", " ".join(args.overrides), _first_line(exc)) from exc
+    if args.multirun:
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    if any(o.is_sweep_override() for o in parsed):
+        return None  # Hydra explains that sweeps need -m
+    return [list(args.overrides)]
+
+
+def check_job(conf_dir: str, overrides: list[str]) -> None:
+    """Compose one job's config and run every check a run would, raising ConfigError."""
+    with initialize_config_dir(version_base="1.3", config_dir=conf_dir, job_name="preflight"):
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except MissingConfigException as exc:
+            raise _missing_option(exc) from exc
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise _composition_error(exc) from exc
+    resolved = resolve_config(cfg)
+    check_available(resolved.dataset)
+
+
+def preflight(argv: list[str], conf_dir: str) -> None:
+    jobs = job_overrides(argv)
+    for overrides in jobs or []:
+        check_job(conf_dir, overrides)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _missing_option(exc: MissingConfigException) -> ConfigError:
+    missing = exc.missing_cfg_file or ""
+    group, _, option = missing.rpartition("/")
+    options = sorted(exc.options or [])
+    if group and options:
+        return ConfigError(group, option, "allowed: " + ", ".join(options))
+    return ConfigError("config", missing, _first_line(exc))
+
+
+def _composition_error(exc: BaseException) -> ConfigError:
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    key = getattr(cause, "full_key", None)
+    message = getattr(cause, "msg", None) or _first_line(cause)
+    message = message.strip().splitlines()[0]
+    if key:
+        return ConfigError(key, _override_value(exc, key), message)
+    return ConfigError("override", "", f"{_first_line(exc)}: {message}")
+
+
+def _override_value(exc: BaseException, key: str) -> str:
+    """The value the user typed for ``key``, recovered from Hydra's message."""
+    text = str(exc)
+    marker = f"{key}="
+    if marker in text:
+        return text.split(marker, 1)[1].split()[0]
+    return ""

@@ -1,0 +1,82 @@
+"""``amata-run``: train one configured run, or a grid of them with ``-m``.
+
+Before Hydra creates any directory, the command line is composed and checked here (every job of a
+``-m`` grid), so a bad override stops with one line naming the key, the value and what is allowed,
+exit status 2, and nothing written under outputs/.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from amata_runner.cli import config_dir
+from amata_runner.cli.preflight import preflight
+from amata_runner.config import register_schemas, resolve_config
+from amata_runner.data import check_available
+from amata_runner.errors import ConfigError
+
+register_schemas()
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    """status.json marks each job running / completed / failed, so a sweep records every job."""
+    payload: dict[str, Any] = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if error is not None:
+        payload["error"] = error
+    tmp = run_dir / ".status.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "status.json")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _task(cfg: DictConfig) -> float | None:
+    from amata_runner.engine import train  # torch-heavy: not needed for --help / --cfg
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    write_status(run_dir, "running")
+    try:
+        resolved = resolve_config(cfg)
+        check_available(resolved.dataset)
+        OmegaConf.save(resolved, run_dir / "config_resolved.yaml")
+        summary = train(resolved, run_dir)
+    except ConfigError as exc:
+        write_status(run_dir, "failed", str(exc))
+        if multirun:
+            raise
+        print(f"amata-run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        write_status(run_dir, "interrupted")
+        raise
+    except Exception as exc:
+        write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    write_status(run_dir, "completed")
+    final = summary.get("final")
+    if final:  # the number a sweeper (e.g. Optuna) maximises
+        return float(next(iter(final["robust_accuracy"].values())))
+    return float(summary["best"]["robust_accuracy"])
+
+
+def main() -> None:
+    try:
+        preflight(sys.argv[1:], config_dir())
+    except ConfigError as exc:
+        print(f"amata-run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Config schemas (registered in Hydra's ConfigStore) and the range checks Hydra cannot express.
+
+Each YAML option in ``conf/`` lists its schema first, so a typo'd key or a wrong type fails while the
+config is composed.  Ranges and cross-field rules (K_min <= K_max, eps > 0, ...) are checked by
+:func:`validate`, which raises :class:`~amata_runner.errors.ConfigError` naming the key, the value
+and what is allowed.  Budgets may be typed as fractions (``method.eps=8/255``), so those fields are
+``Any`` in the schema and turned into floats by :func:`resolve_config`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from amata_runner.errors import ConfigError
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+MODELS = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50")
+METHODS = ("erm", "pgd", "amata")
+SCHEDULES = ("constant", "linear", "exponential")
+LR_SCHEDULES = ("constant", "multistep", "cosine")
+LOGGERS = ("jsonl", "wandb")
+PRECISIONS = ("auto", "fp32", "bf16")
+AUGMENTS = ("none", "crop_flip")
+ATTACK_BN_MODES = ("eval", "train")
+UNITS = ("epoch", "iteration")
+
+
+# --------------------------------------------------------------------------- schemas
+@dataclass
+class ThreatConfig:
+    """The dataset's customary L-inf threat model, used as the default of every attack."""
+
+    eps: Any = 0.3
+    step_size: Any = 0.01
+    steps: int = 40
+
+
+@dataclass
+class RecipeConfig:
+    """The dataset's customary training recipe (the paper's Appendix A where it has one)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_milestones: list[int] = field(default_factory=list)
+    target_robust_errors: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = "${paths.data_dir}"
+    download: bool = False
+    num_classes: int = 10
+    channels: int = 1
+    image_size: int = 28
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    augment: str = "none"
+    threat: ThreatConfig = field(default_factory=ThreatConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+
+@dataclass
+class DigitsConfig(DatasetConfig):
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    num_train: int = 2048
+    num_test: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    normalize: bool = True
+
+
+@dataclass
+class ERMConfig:
+    """Standard training on clean inputs: the no-attack baseline."""
+
+    name: str = "erm"
+
+
+@dataclass
+class PGDConfig:
+    """Madry PGD-K training; ``steps``/``step_size`` are the constant control the schedule starts from."""
+
+    name: str = "pgd"
+    eps: Any = "${dataset.threat.eps}"
+    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
+    step_size: Any = "${dataset.threat.step_size}"
+    random_start: bool = True
+    attack_bn: str = "eval"
+
+
+@dataclass
+class ScheduleConfig:
+    """How the inner-loop control (K, alpha = tau / K) moves with training progress."""
+
+    name: str = "constant"
+    k_min: int = "${oc.select:method.steps,1}"  # type: ignore[assignment]
+    k_max: int = "${oc.select:method.steps,1}"  # type: ignore[assignment]
+    tau: Any = None
+    eta: float = 1.0
+    unit: str = "epoch"
+    endpoint: str = "paper"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = "${dataset.recipe.lr}"  # type: ignore[assignment]
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    lr_schedule: str = "multistep"
+    milestones: list[int] = "${dataset.recipe.lr_milestones}"  # type: ignore[assignment]
+    gamma: float = 0.1
+
+
+@dataclass
+class EvalAttackConfig:
+    """An L-inf PGD evaluation attack (cross-entropy, eval-mode model, fp32)."""
+
+    steps: int = 20
+    step_size: Any = "${dataset.threat.step_size}"
+    eps: Any = "${dataset.threat.eps}"
+    random_start: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1
+    unit: str = "epoch"
+    subset: int = 1000
+    batch_size: int = 500
+    seed: int = 0
+    attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
+    final: bool = True
+    final_attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
+    target_robust_errors: list[float] = "${dataset.recipe.target_robust_errors}"  # type: ignore[assignment]
+    target_clean_errors: list[float] = field(default_factory=list)
+
+
+@dataclass
+class JsonlLoggerConfig:
+    """metrics.jsonl is always written; this option adds nothing else."""
+
+    name: str = "jsonl"
+
+
+@dataclass
+class WandbLoggerConfig:
+    name: str = "wandb"
+    project: str = "amata-runner"
+    entity: str | None = None
+    mode: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class RunConfig:
+    """The root: groups are filled by the defaults list; the rest are run-level switches."""
+
+    dataset: Any = MISSING
+    model: Any = MISSING
+    method: Any = MISSING
+    schedule: Any = MISSING
+    optim: Any = MISSING
+    eval: Any = MISSING
+    logger: Any = MISSING
+    paths: Any = MISSING
+    name: str = "run"
+    seed: int = 0
+    epochs: int = "${dataset.recipe.epochs}"  # type: ignore[assignment]
+    batch_size: int = "${dataset.recipe.batch_size}"  # type: ignore[assignment]
+    device: str = "auto"
+    precision: str = "auto"
+    deterministic: bool = False
+    resume: bool = False
+    progress: bool | None = None
+    save_best: bool = True
+
+
+def register_schemas() -> None:
+    """Store the schemas where the YAML files' defaults lists look for them (``/schema/<group>``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    groups: dict[str, dict[str, type]] = {
+        "dataset": {
+            "digits": DigitsConfig,
+            "synthetic": SyntheticConfig,
+            "base": DatasetConfig,
+        },
+        "model": {"base": ModelConfig},
+        "method": {"erm": ERMConfig, "pgd": PGDConfig},
+        "schedule": {"base": ScheduleConfig},
+        "optim": {"sgd": OptimConfig},
+        "eval": {"base": EvalConfig},
+        "logger": {"jsonl": JsonlLoggerConfig, "wandb": WandbLoggerConfig},
+        "paths": {"base": PathsConfig},
+    }
+    for group, options in groups.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+# --------------------------------------------------------------------------- numbers
+_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def as_float(key: str, value: Any) -> float:
+    """Read a budget the way users type it: ``0.3``, ``8/255`` or ``"2/255"``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, value, "expected a number such as 0.3 or a fraction such as 8/255")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        match = _FRACTION.match(text)
+        try:
+            if match:
+                return float(Fraction(match.group(1)) / Fraction(match.group(2)))
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(key, value, "expected a number such as 0.3 or a fraction such as 8/255")
+
+
+# --------------------------------------------------------------------------- checks
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _one_of(cfg: DictConfig, key: str, options: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value in options, key, value, "allowed: " + ", ".join(options))
+
+
+def _positive_budget(cfg: DictConfig, key: str, upper: float | None = None) -> None:
+    value = as_float(key, OmegaConf.select(cfg, key))
+    _require(value > 0, key, value, "must be > 0")
+    if upper is not None:
+        _require(value <= upper, key, value, f"must be <= {upper} (pixel units, data in [0,1])")
+    OmegaConf.update(cfg, key, value)
+
+
+def _at_least(cfg: DictConfig, key: str, low: int | float) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value >= low, key, value, f"must be >= {low}")
+
+
+def resolve_config(cfg: DictConfig) -> DictConfig:
+    """Resolve interpolations, turn fractions into floats and check every range; return the copy.
+
+    Working on a resolved copy means every later reader sees plain numbers, and the run's saved
+    config records exactly the values that were used.
+    """
+    try:
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as exc:  # an interpolation to a key that does not exist
+        raise ConfigError(getattr(exc, "full_key", "config"), "", str(exc).splitlines()[0]) from exc
+    with open_dict(resolved):
+        validate(resolved)
+    return resolved
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and consistency checks; fraction budgets are replaced by floats in place."""
+    _check_run(cfg)
+    _check_dataset(cfg)
+    _require(cfg.model.name in MODELS, "model.name", cfg.model.name, "allowed: " + ", ".join(MODELS))
+    _check_method_and_schedule(cfg)
+    _check_optim(cfg)
+    _check_eval(cfg)
+    _one_of(cfg, "logger.name", LOGGERS)
+    if cfg.logger.name == "wandb":
+        _require(
+            importlib.util.find_spec("wandb") is not None,
+            "logger",
+            "wandb",
+            "wandb is not installed; pip install 'amata-runner[wandb]' or use logger=jsonl",
+        )
+
+
+def _check_run(cfg: DictConfig) -> None:
+    _at_least(cfg, "epochs", 1)
+    _at_least(cfg, "batch_size", 1)
+    _one_of(cfg, "precision", PRECISIONS)
+    device = str(cfg.device)
+    _require(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None,
+        "device",
+        device,
+        "allowed: auto, cpu, cuda, cuda:N",
+    )
+    if device.startswith("cuda"):
+        import torch
+
+        _require(
+            torch.cuda.is_available(),
+            "device",
+            device,
+            "no CUDA device is available here; use device=auto or device=cpu",
+        )
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    _one_of(cfg, "dataset.name", DATASETS)
+    _at_least(cfg, "dataset.num_classes", 2)
+    _at_least(cfg, "dataset.channels", 1)
+    _at_least(cfg, "dataset.image_size", 8)
+    _one_of(cfg, "dataset.augment", AUGMENTS)
+    for stat in ("mean", "std"):
+        values = cfg.dataset[stat]
+        if values is not None:
+            _require(
+                len(values) == cfg.dataset.channels,
+                f"dataset.{stat}",
+                list(values),
+                f"needs one entry per channel ({cfg.dataset.channels})",
+            )
+    if cfg.dataset.std is not None:
+        _require(all(s > 0 for s in cfg.dataset.std), "dataset.std", list(cfg.dataset.std), "> 0")
+    _positive_budget(cfg, "dataset.threat.eps", upper=1.0)
+    _positive_budget(cfg, "dataset.threat.step_size")
+    _at_least(cfg, "dataset.threat.steps", 1)
+    if cfg.dataset.name == "digits":
+        fraction = cfg.dataset.test_fraction
+        _require(0 < fraction < 1, "dataset.test_fraction", fraction, "must be in (0, 1)")
+    if cfg.dataset.name == "synthetic":
+        _at_least(cfg, "dataset.num_train", 1)
+        _at_least(cfg, "dataset.num_test", 1)
+
+
+def _check_method_and_schedule(cfg: DictConfig) -> None:
+    _one_of(cfg, "method.name", METHODS)
+    if cfg.method.name == "erm":
+        return
+    _positive_budget(cfg, "method.eps", upper=1.0)
+    _positive_budget(cfg, "method.step_size")
+    _at_least(cfg, "method.steps", 1)
+    _one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
+
+    _one_of(cfg, "schedule.name", SCHEDULES)
+    _one_of(cfg, "schedule.unit", UNITS)
+    _one_of(cfg, "schedule.endpoint", ("paper", "inclusive"))
+    _at_least(cfg, "schedule.k_min", 1)
+    _at_least(cfg, "schedule.k_max", 1)
+    k_min, k_max = cfg.schedule.k_min, cfg.schedule.k_max
+    _require(k_min <= k_max, "schedule.k_min", k_min, f"must be <= schedule.k_max ({k_max})")
+    if cfg.schedule.tau is not None:
+        _positive_budget(cfg, "schedule.tau")
+    if cfg.schedule.name == "exponential":
+        _require(cfg.schedule.eta > 0, "schedule.eta", cfg.schedule.eta, "must be > 0")
+
+
+def _check_optim(cfg: DictConfig) -> None:
+    _require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    _require(
+        0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)"
+    )
+    _at_least(cfg, "optim.weight_decay", 0)
+    _one_of(cfg, "optim.lr_schedule", LR_SCHEDULES)
+    milestones = list(cfg.optim.milestones)
+    _require(
+        all(m > 0 for m in milestones) and milestones == sorted(set(milestones)),
+        "optim.milestones",
+        milestones,
+        "must be strictly increasing positive epochs",
+    )
+    _require(0 < cfg.optim.gamma <= 1, "optim.gamma", cfg.optim.gamma, "must be in (0, 1]")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    _at_least(cfg, "eval.every", 1)
+    _one_of(cfg, "eval.unit", UNITS)
+    _at_least(cfg, "eval.subset", 1)
+    _at_least(cfg, "eval.batch_size", 1)
+    for attack in ("eval.attack", "eval.final_attack"):
+        _at_least(cfg, f"{attack}.steps", 1)
+        _positive_budget(cfg, f"{attack}.eps", upper=1.0)
+        _positive_budget(cfg, f"{attack}.step_size")
+    for key in ("eval.target_robust_errors", "eval.target_clean_errors"):
+        targets = list(OmegaConf.select(cfg, key))
+        _require(all(0 <= t <= 1 for t in targets), key, targets, "errors must be in [0, 1]")

@@ -1,0 +1,462 @@
+"""The training loop: epochs, LR schedule, the train-only clock, periodic evaluation, checkpoints.
+
+The engine knows nothing about how a method trains on a batch (``Method.train_batch``) or how a
+schedule anneals (``Schedule.at``); it owns time, bookkeeping and files:
+
+- the clock runs only around training iterations; evaluation, checkpointing and logging happen
+  with it paused, so ``train_seconds`` is the x axis of every error-versus-time curve;
+- device values (loss, accuracy) are summed on the device and read once per evaluation point;
+- each evaluation point appends one metrics row at once; each epoch ends with an atomic ``last``
+  checkpoint holding everything needed to continue bit-for-bit (``resume=true``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from amata_runner.checkpoint import (
+    BEST,
+    LAST,
+    copy_atomic,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from amata_runner.clock import TrainClock
+from amata_runner.data import DeviceLoader, load_splits
+from amata_runner.errors import ConfigError
+from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
+from amata_runner.logging import MetricsFile, MetricsSink, ProgressBar, build_sinks
+from amata_runner.logging.metrics import write_json_atomic
+from amata_runner.methods import Method, TrainContext, build_method
+from amata_runner.models import build_model
+from amata_runner.passes import PassCounter
+from amata_runner.schedules import Control, Schedule
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# Settings that may differ between a run and its resumption without changing what is computed.
+RESUME_FREE_KEYS = ("resume", "progress", "logger", "paths", "device")
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_backend(device: torch.device, deterministic: bool) -> None:
+    """Fast kernels by default; bitwise-repeatable ones when ``deterministic`` is set."""
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def build_lr_scheduler(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch: multistep (the paper's CIFAR10 75/90), cosine, or constant."""
+    if cfg.lr_schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma
+        )
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def build_schedule(cfg: DictConfig, epochs: int, iters_per_epoch: int) -> Schedule:
+    s = cfg.schedule
+    return Schedule(
+        name=s.name,
+        k_min=int(s.k_min),
+        k_max=int(s.k_max),
+        step_size=float(cfg.method.step_size),
+        epochs=epochs,
+        iters_per_epoch=iters_per_epoch,
+        tau=None if s.tau is None else float(s.tau),
+        eta=float(s.eta),
+        unit=s.unit,
+        endpoint=s.endpoint,
+    )
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    iteration: int = 0  # completed training iterations
+    examples: int = 0  # training examples drawn
+    best_robust_accuracy: float = -1.0
+    best_epoch: int = -1
+
+
+def time_to_targets(rows: list[dict[str, Any]], key: str, targets: list[float]) -> dict:
+    """First evaluation point at which ``key`` (an error) fell to each target, or None."""
+    reached: dict[str, Any] = {}
+    for target in targets:
+        hit = next((r for r in rows if r.get(key) is not None and r[key] <= target), None)
+        reached[f"{key}<={target:g}"] = (
+            None
+            if hit is None
+            else {
+                field: hit[field]
+                for field in ("train_seconds", "epoch", "iteration", "forward_passes")
+                + ("backward_passes",)
+            }
+        )
+    return reached
+
+
+class Trainer:
+    """One run in one directory: build everything from the resolved config, then ``run()``."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = select_device(cfg.device)
+        configure_backend(self.device, cfg.deterministic)
+        seed_everything(cfg.seed)
+
+        train_set, test_set = load_splits(cfg.dataset)
+        self.test_images = test_set.images.to(self.device)
+        self.test_labels = test_set.labels.to(self.device)
+        subset = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.eval.seed))
+        subset = subset[: cfg.eval.subset].sort().values.to(self.device)
+        self.eval_images = self.test_images[subset]
+        self.eval_labels = self.test_labels[subset]
+        self.loader = DeviceLoader(
+            train_set,
+            cfg.batch_size,
+            self.device,
+            shuffle=True,
+            drop_last=False,
+            augment=cfg.dataset.augment,
+            seed=cfg.seed,
+        )
+
+        ds = cfg.dataset
+        self.model = build_model(
+            cfg.model.name,
+            num_classes=ds.num_classes,
+            channels=ds.channels,
+            image_size=ds.image_size,
+            mean=list(ds.mean) if cfg.model.normalize and ds.mean is not None else None,
+            std=list(ds.std) if cfg.model.normalize and ds.std is not None else None,
+        ).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            nesterov=cfg.optim.nesterov,
+        )
+        self.lr_scheduler = build_lr_scheduler(cfg.optim, self.optimizer, cfg.epochs)
+        self.precision = training_precision(cfg.precision, self.device)
+        self.counter = PassCounter()
+        self.method: Method = build_method(
+            cfg.method, TrainContext(self.model, self.optimizer, self.counter, self._autocast)
+        )
+        self.schedule: Schedule | None = (
+            build_schedule(cfg, cfg.epochs, len(self.loader)) if self.method.uses_control else None
+        )
+        self.clock = TrainClock(self.device)
+        self.progress = Progress()
+        self._best_pending = False  # an evaluation beat the best so far; best.ckpt is due
+        self.wandb_id: str | None = None
+        self.eval_attack = AttackSpec(**_attack_args(cfg.eval.attack))
+        self.final_attack = AttackSpec(**_attack_args(cfg.eval.final_attack))
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def control(self, epoch: int, iteration: int = 0) -> Control | None:
+        return None if self.schedule is None else self.schedule.at(epoch, iteration)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+            "progress": asdict(self.progress),
+            "train_seconds": self.clock.seconds,
+            "passes": self.counter.state_dict(),
+            "wandb_id": self.wandb_id,
+        }
+
+    def _restore(self) -> bool:
+        """Load ``last.ckpt`` when resuming; refuse to overwrite an existing run otherwise."""
+        path = self.run_dir / LAST
+        if not self.cfg.resume:
+            if path.exists():
+                raise ConfigError(
+                    "resume",
+                    False,
+                    f"{self.run_dir} already holds a checkpoint; pass resume=true to continue it "
+                    "or choose a fresh hydra.run.dir",
+                )
+            return False
+        if not path.exists():
+            log.warning("resume=true but %s has no %s: starting from scratch", self.run_dir, LAST)
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        _check_same_run(state.get("config", {}), OmegaConf.to_container(self.cfg, resolve=True))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.progress = Progress(**state["progress"])
+        self.clock = TrainClock(self.device, elapsed=float(state["train_seconds"]))
+        self.counter.load_state_dict(state["passes"])
+        self.wandb_id = state.get("wandb_id")
+        log.info("resumed %s at epoch %d", self.run_dir, self.progress.epoch)
+        return True
+
+    def _evaluate(self, images: torch.Tensor, labels: torch.Tensor, attack: AttackSpec) -> EvalResult:
+        return evaluate(
+            self.model,
+            images,
+            labels,
+            attack,
+            batch_size=self.cfg.eval.batch_size,
+            seed=self.cfg.eval.seed,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict[str, Any]:
+        resumed = self._restore()
+        metrics = MetricsFile(
+            self.run_dir, keep_until_iteration=self.progress.iteration if resumed else None
+        )
+        resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        sinks = build_sinks(self.cfg, self.run_dir, resume_id=self.wandb_id, resolved=resolved)
+        for sink in sinks:
+            self.wandb_id = sink.run_id or self.wandb_id
+        bar = ProgressBar(
+            total=self.cfg.epochs * len(self.loader),
+            initial=self.progress.iteration,
+            enabled=self.cfg.progress,
+            desc=str(self.cfg.name),
+        )
+        try:
+            self._train(metrics, sinks, bar)
+            summary = self._summarise(metrics.rows)
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            for sink in sinks:
+                sink.summary(summary)
+            return summary
+        finally:
+            bar.close()
+            metrics.write_csv()
+            metrics.close()
+            for sink in sinks:
+                sink.close()
+
+    def _train(self, metrics: MetricsFile, sinks: list[MetricsSink], bar: ProgressBar) -> None:
+        cfg = self.cfg
+        every, by_iteration = cfg.eval.every, cfg.eval.unit == "iteration"
+        per_iteration_control = self.schedule is not None and self.schedule.per_iteration
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
+
+        for epoch in range(self.progress.epoch, cfg.epochs):
+            control = self.control(epoch)
+            self.clock.start()
+            for i, (x, y) in enumerate(self.loader):
+                if per_iteration_control:
+                    control = self.control(epoch, i)
+                out = self.method.train_batch(x, y, control)
+                loss_sum += out.loss_sum
+                correct += out.correct
+                seen += x.shape[0]
+                self.progress.iteration += 1
+                self.progress.examples += x.shape[0]
+                bar.update()
+                if by_iteration and self.progress.iteration % every == 0:
+                    with self.clock.paused():
+                        epoch_float = epoch + (i + 1) / len(self.loader)
+                        row = self._row(epoch_float, control, loss_sum, correct, seen)
+                        self._emit(row, metrics, sinks, bar)
+                        loss_sum.zero_(), correct.zero_()
+                        seen, last_row_iteration = 0, self.progress.iteration
+            self.clock.stop()
+            self.progress.epoch = epoch + 1
+            last_epoch = epoch + 1 == cfg.epochs
+            due = (not by_iteration and (epoch + 1) % every == 0) or last_epoch
+            if due and last_row_iteration != self.progress.iteration:
+                row = self._row(float(epoch + 1), control, loss_sum, correct, seen)
+                self._emit(row, metrics, sinks, bar)
+                loss_sum.zero_(), correct.zero_()
+                seen, last_row_iteration = 0, self.progress.iteration
+            self.lr_scheduler.step()  # after the row, so the row shows the lr this epoch used
+            self._save_checkpoint(metrics)
+
+    def _row(
+        self,
+        epoch: float,
+        control: Control | None,
+        loss_sum: torch.Tensor,
+        correct: torch.Tensor,
+        seen: int,
+    ) -> dict[str, Any]:
+        result = self._evaluate(self.eval_images, self.eval_labels, self.eval_attack)
+        row: dict[str, Any] = {
+            "epoch": round(epoch, 6),
+            "iteration": self.progress.iteration,
+            "examples": self.progress.examples,
+            "train_seconds": self.clock.seconds,
+            "forward_passes": self.counter.forward,
+            "backward_passes": self.counter.backward,
+            **self.method.knobs(control),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum.item() / seen if seen else None,
+            "train_error": 1.0 - correct.item() / seen if seen else None,
+            "clean_error": result.clean_error,
+            "robust_error": result.robust_error,
+            "eval_examples": result.total,
+            "eval_attack": self.eval_attack.name,
+        }
+        if result.robust_accuracy > self.progress.best_robust_accuracy:
+            self.progress.best_robust_accuracy = result.robust_accuracy
+            self.progress.best_epoch = int(np.ceil(epoch))
+            self._best_pending = True
+        return row
+
+    def _emit(
+        self, row: dict[str, Any], metrics: MetricsFile, sinks: list[MetricsSink], bar: ProgressBar
+    ) -> None:
+        metrics.log(row)
+        for sink in sinks:
+            sink.log(row)
+        shown = {k: row[k] for k in ("K", "clean_error", "robust_error") if k in row}
+        bar.show({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in shown.items()})
+
+    def _save_checkpoint(self, metrics: MetricsFile) -> None:
+        save_atomic(self._checkpoint_state(), self.run_dir / LAST)
+        if self.cfg.save_best and self._best_pending:
+            copy_atomic(self.run_dir / LAST, self.run_dir / BEST)
+            self._best_pending = False
+        metrics.write_csv()
+
+    # ------------------------------------------------------------------ summary
+    def _summarise(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        summary: dict[str, Any] = {
+            "status": "completed",
+            "name": cfg.name,
+            "method": cfg.method.name,
+            "dataset": cfg.dataset.name,
+            "model": cfg.model.name,
+            "seed": cfg.seed,
+            "device": str(self.device),
+            "precision": self.precision,
+            "epochs": self.progress.epoch,
+            "iterations": self.progress.iteration,
+            "examples": self.progress.examples,
+            "train_seconds": self.clock.seconds,
+            "forward_passes": self.counter.forward,
+            "backward_passes": self.counter.backward,
+            "best": {
+                "robust_accuracy": self.progress.best_robust_accuracy,
+                "epoch": self.progress.best_epoch,
+                "eval_attack": self.eval_attack.name,
+            },
+            "last_eval": rows[-1] if rows else None,
+            "time_to_target": {
+                **time_to_targets(rows, "robust_error", list(cfg.eval.target_robust_errors)),
+                **time_to_targets(rows, "clean_error", list(cfg.eval.target_clean_errors)),
+            },
+        }
+        if cfg.eval.final:
+            result = self._evaluate(self.test_images, self.test_labels, self.final_attack)
+            summary["final"] = {
+                "examples": result.total,
+                "clean_accuracy": result.clean_accuracy,
+                "robust_accuracy": {self.final_attack.name: result.robust_accuracy},
+                "attacks": {self.final_attack.name: asdict(self.final_attack)},
+            }
+        return summary
+
+
+def _attack_args(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "eps": float(cfg.eps),
+        "step_size": float(cfg.step_size),
+        "steps": int(cfg.steps),
+        "random_start": bool(cfg.random_start),
+    }
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint trained with different settings (it would not be one run)."""
+
+    def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+        flat = _flatten(cfg)
+        return {k: v for k, v in flat.items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+
+    old, new = comparable(saved), comparable(current)
+    diffs = [
+        f"{k}={json.dumps(new.get(k))} (checkpoint: {json.dumps(old.get(k))})"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise ConfigError(
+            "resume", True, "the checkpoint was trained with other settings: " + "; ".join(diffs[:3])
+        )
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train the configured run in ``run_dir`` (resolved config) and return its summary."""
+    return Trainer(cfg, run_dir).run()

@@ -1,0 +1,80 @@
+"""The one interface every training method implements: train on this batch.
+
+A method owns the inner maximisation *and* the parameter update(s), because the methods the paper
+combines with Amata differ exactly there (Free replays a batch m times, YOPO updates the first layer
+inside its inner loop, ATTA keeps per-example perturbations across epochs).  The engine only hands
+over batches and the schedule's current control, and reads back device tensors it sums lazily.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amata_runner.passes import PassCounter
+from amata_runner.schedules import Control
+
+
+@dataclass
+class StepOutput:
+    """Device tensors (no host sync): summed training loss and correct predictions on the batch."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+
+
+@dataclass
+class TrainContext:
+    """What a method needs from the engine."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    counter: PassCounter
+    autocast: Callable[[], AbstractContextManager[Any]]
+
+
+class Method(ABC):
+    """One training step on one batch; ``uses_control`` says whether a schedule drives it."""
+
+    uses_control: bool = False
+
+    def __init__(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor, control: Control | None) -> StepOutput:
+        """Train on (x, y) in [0,1] pixel space under ``control`` (None for unscheduled methods)."""
+
+    def knobs(self, control: Control | None) -> dict[str, float | int]:
+        """The strength knobs to record in metrics rows."""
+        if control is None:
+            return {}
+        return {"K": control.steps, "alpha": control.step_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State a method carries across batches (none for PGD/ERM), saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        """One SGD step on the mean cross-entropy of (x, y), the model in train mode."""
+        model, optimizer = self.ctx.model, self.ctx.optimizer
+        model.train()
+        with self.ctx.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.ctx.counter.add(x.shape[0])
+        n = x.shape[0]
+        return StepOutput(loss.detach().float() * n, (logits.argmax(1) == y).sum())

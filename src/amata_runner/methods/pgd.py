@@ -1,0 +1,48 @@
+"""PGD adversarial training, and Amata when a schedule anneals its control (Algorithm 1).
+
+    for each mini-batch x^0:
+        for k = 1..K_t:  x^k = clip_{x^0, eps}(x^{k-1} + alpha_t * sign(grad_x l(h_theta(x^{k-1}), y)))
+        theta <- theta - eta * grad_theta l(h_theta(x^{K_t}), y)
+
+K_t and alpha_t come from the schedule (constant: the PGD-K baseline; linear: Amata).  The attack
+runs with BatchNorm in ``attack_bn`` mode (eval by default, as in YOPO's PGD baseline the paper
+follows) and under the training precision; the update sees only adversarial examples (the paper's
+objective, not the YOPO code's adversarial + clean sum).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.schedules import Control
+
+
+class PGD(Method):
+    uses_control = True
+
+    def __init__(
+        self, ctx: TrainContext, *, eps: float, random_start: bool = True, attack_bn: str = "eval"
+    ) -> None:
+        super().__init__(ctx)
+        self.eps = eps
+        self.random_start = random_start
+        self.attack_bn = attack_bn
+
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor, control: Control | None) -> StepOutput:
+        if control is None:
+            raise ValueError("PGD needs a control (K, alpha) from a schedule")
+        model = self.ctx.model
+        with attack_mode(model, self.attack_bn), self.ctx.autocast():
+            x_adv = pgd_linf(
+                model,
+                x,
+                y,
+                eps=self.eps,
+                step_size=control.step_size,
+                steps=control.steps,
+                random_start=self.random_start,
+                counter=self.ctx.counter,
+            )
+        return self.update(x_adv, y)

@@ -1,0 +1,103 @@
+"""Annealing schedules: training progress -> the inner loop's control (K_t, alpha_t).
+
+Amata is not a separate algorithm but PGD (or any inner loop) under a schedule that starts weak and
+ends strong.  A schedule is a pure function of progress, so it needs no state in a checkpoint and a
+resumed run picks up exactly the control an uninterrupted one would use.
+
+Rounding: the paper writes K_t = K_min + (K_max - K_min) * t / T with real-valued K_t; we run
+round-half-up(K_t) steps, clamped to [K_min, K_max], and take alpha_t = tau / K_t with the *rounded*
+K_t, so that K_t * alpha_t = tau holds for the steps actually taken.  With ``endpoint="paper"``
+(Algorithm 1 literally, t = 0..T-1) the first epoch uses K_min and the last uses
+round(K_min + (K_max - K_min)(T-1)/T), which is K_max once (K_max - K_min)/T <= 0.5 (e.g. 2 -> 10
+over 100 epochs); ``endpoint="inclusive"`` divides by T - 1 so the last epoch always uses K_max.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCHEDULE_NAMES = ("constant", "linear", "exponential")
+
+
+@dataclass(frozen=True)
+class Control:
+    """The knobs of a PGD-style inner loop for one epoch or iteration."""
+
+    steps: int
+    step_size: float
+
+
+def anneal_fraction(name: str, t: float, total: float, eta: float = 1.0) -> float:
+    """Where between the weakest (0) and the strongest (1) control the schedule is at time t.
+
+    ``t`` and ``total`` are in epochs (fractional under per-iteration annealing).  ``constant`` is
+    always at the strong end: the plain baselines run their full K from the start.
+    """
+    if name == "constant":
+        return 1.0
+    if total <= 0:
+        return 0.0
+    if name == "linear":
+        fraction = t / total
+    elif name == "exponential":  # Appendix B.2, eq. 16
+        fraction = (1.0 - math.exp(-eta * t)) / (1.0 - math.exp(-eta * total))
+    else:
+        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULE_NAMES)}")
+    return min(max(fraction, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """K_t and alpha_t for a run of ``epochs`` epochs of ``iters_per_epoch`` iterations."""
+
+    name: str
+    k_min: int
+    k_max: int
+    step_size: float
+    epochs: int
+    iters_per_epoch: int
+    tau: float | None = None
+    eta: float = 1.0
+    unit: str = "epoch"
+    endpoint: str = "paper"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if self.unit not in ("epoch", "iteration") or self.endpoint not in ("paper", "inclusive"):
+            raise ValueError(f"bad unit/endpoint {self.unit!r}/{self.endpoint!r}")
+
+    @property
+    def per_iteration(self) -> bool:
+        """True when the control may change inside an epoch."""
+        return self.unit == "iteration" and self.name != "constant"
+
+    def progress(self, epoch: int, iteration: int = 0) -> tuple[float, float]:
+        """(t, T) in epochs for the epoch index and the iteration index inside that epoch."""
+        if self.unit == "epoch":
+            t, last = float(epoch), float(self.epochs - 1)
+        else:
+            t = epoch + iteration / self.iters_per_epoch
+            last = self.epochs - 1.0 / self.iters_per_epoch
+        total = last if self.endpoint == "inclusive" else float(self.epochs)
+        return t, total
+
+    def k_value(self, epoch: int, iteration: int = 0) -> float:
+        """The real-valued K_t of the paper's formula, before rounding."""
+        t, total = self.progress(epoch, iteration)
+        fraction = anneal_fraction(self.name, t, total, self.eta)
+        return self.k_min + (self.k_max - self.k_min) * fraction
+
+    def at(self, epoch: int, iteration: int = 0) -> Control:
+        k = math.floor(self.k_value(epoch, iteration) + 0.5)
+        k = min(max(k, self.k_min), self.k_max)
+        if self.tau is None:  # the last control equals the baseline's (K_max, step_size) exactly
+            alpha = self.step_size * (self.k_max / k)
+        else:
+            alpha = self.tau / k
+        return Control(steps=k, step_size=alpha)
+
+    def epoch_controls(self) -> list[Control]:
+        """The control at the start of every epoch (what `unit=epoch` runs use)."""
+        return [self.at(epoch) for epoch in range(self.epochs)]
