@@ -1,7 +1,7 @@
 """Config schemas (registered in Hydra's ConfigStore) and the range checks Hydra cannot express.
 
-Each YAML option in ``conf/`` lists its schema first, so a typo'd key or a wrong type fails while the
-config is composed.  Ranges and cross-field rules (K_min <= K_max, eps > 0, ...) are checked by
+Each YAML option in ``conf/`` lists its schema first, so a typo'd key or a wrong type fails while
+the config is composed.  Ranges and cross-field rules (K_min <= K_max, eps > 0, ...) are checked by
 :func:`validate`, which raises :class:`~amata_runner.errors.ConfigError` naming the key, the value
 and what is allowed.  Budgets may be typed as fractions (``method.eps=8/255``), so those fields are
 ``Any`` in the schema and turned into floats by :func:`resolve_config`.
@@ -96,7 +96,7 @@ class ERMConfig:
 
 @dataclass
 class PGDConfig:
-    """Madry PGD-K training; ``steps``/``step_size`` are the constant control the schedule starts from."""
+    """Madry PGD-K training; ``steps``/``step_size`` are the baseline control K, alpha."""
 
     name: str = "pgd"
     eps: Any = "${dataset.threat.eps}"
@@ -203,7 +203,7 @@ class RunConfig:
 
 
 def register_schemas() -> None:
-    """Store the schemas where the YAML files' defaults lists look for them (``/schema/<group>``)."""
+    """Store the schemas where the YAML defaults lists look for them (``/schema/<group>``)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     groups: dict[str, dict[str, type]] = {
@@ -290,7 +290,9 @@ def validate(cfg: DictConfig) -> None:
     """Range and consistency checks; fraction budgets are replaced by floats in place."""
     _check_run(cfg)
     _check_dataset(cfg)
-    _require(cfg.model.name in MODELS, "model.name", cfg.model.name, "allowed: " + ", ".join(MODELS))
+    _require(
+        cfg.model.name in MODELS, "model.name", cfg.model.name, "allowed: " + ", ".join(MODELS)
+    )
     _check_method_and_schedule(cfg)
     _check_optim(cfg)
     _check_eval(cfg)
@@ -378,9 +380,7 @@ def _check_method_and_schedule(cfg: DictConfig) -> None:
 
 def _check_optim(cfg: DictConfig) -> None:
     _require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
-    _require(
-        0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)"
-    )
+    _require(0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)")
     _at_least(cfg, "optim.weight_decay", 0)
     _one_of(cfg, "optim.lr_schedule", LR_SCHEDULES)
     milestones = list(cfg.optim.milestones)

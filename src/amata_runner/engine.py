@@ -119,20 +119,15 @@ class Progress:
     best_epoch: int = -1
 
 
+_TARGET_FIELDS = ("train_seconds", "epoch", "iteration", "forward_passes", "backward_passes")
+
+
 def time_to_targets(rows: list[dict[str, Any]], key: str, targets: list[float]) -> dict:
     """First evaluation point at which ``key`` (an error) fell to each target, or None."""
     reached: dict[str, Any] = {}
     for target in targets:
         hit = next((r for r in rows if r.get(key) is not None and r[key] <= target), None)
-        reached[f"{key}<={target:g}"] = (
-            None
-            if hit is None
-            else {
-                field: hit[field]
-                for field in ("train_seconds", "epoch", "iteration", "forward_passes")
-                + ("backward_passes",)
-            }
-        )
+        reached[f"{key}<={target:g}"] = None if hit is None else {f: hit[f] for f in _TARGET_FIELDS}
     return reached
 
 
@@ -149,7 +144,9 @@ class Trainer:
         train_set, test_set = load_splits(cfg.dataset)
         self.test_images = test_set.images.to(self.device)
         self.test_labels = test_set.labels.to(self.device)
-        subset = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.eval.seed))
+        subset = torch.randperm(
+            len(test_set), generator=torch.Generator().manual_seed(cfg.eval.seed)
+        )
         subset = subset[: cfg.eval.subset].sort().values.to(self.device)
         self.eval_images = self.test_images[subset]
         self.eval_labels = self.test_labels[subset]
@@ -193,6 +190,10 @@ class Trainer:
         self.clock = TrainClock(self.device)
         self.progress = Progress()
         self._best_pending = False  # an evaluation beat the best so far; best.ckpt is due
+        # Training loss / correct counts since the last metrics row, summed on the device.
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self._seen = 0
         self.wandb_id: str | None = None
         self.eval_attack = AttackSpec(**_attack_args(cfg.eval.attack))
         self.final_attack = AttackSpec(**_attack_args(cfg.eval.final_attack))
@@ -219,6 +220,11 @@ class Trainer:
             "progress": asdict(self.progress),
             "train_seconds": self.clock.seconds,
             "passes": self.counter.state_dict(),
+            "since_last_row": {
+                "loss_sum": self._loss_sum.item(),
+                "correct": int(self._correct.item()),
+                "seen": self._seen,
+            },
             "wandb_id": self.wandb_id,
         }
 
@@ -248,11 +254,17 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         self.clock = TrainClock(self.device, elapsed=float(state["train_seconds"]))
         self.counter.load_state_dict(state["passes"])
+        pending = state["since_last_row"]
+        self._loss_sum.fill_(pending["loss_sum"])
+        self._correct.fill_(pending["correct"])
+        self._seen = int(pending["seen"])
         self.wandb_id = state.get("wandb_id")
         log.info("resumed %s at epoch %d", self.run_dir, self.progress.epoch)
         return True
 
-    def _evaluate(self, images: torch.Tensor, labels: torch.Tensor, attack: AttackSpec) -> EvalResult:
+    def _evaluate(
+        self, images: torch.Tensor, labels: torch.Tensor, attack: AttackSpec
+    ) -> EvalResult:
         return evaluate(
             self.model,
             images,
@@ -296,9 +308,6 @@ class Trainer:
         cfg = self.cfg
         every, by_iteration = cfg.eval.every, cfg.eval.unit == "iteration"
         per_iteration_control = self.schedule is not None and self.schedule.per_iteration
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
         last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
 
         for epoch in range(self.progress.epoch, cfg.epochs):
@@ -308,39 +317,35 @@ class Trainer:
                 if per_iteration_control:
                     control = self.control(epoch, i)
                 out = self.method.train_batch(x, y, control)
-                loss_sum += out.loss_sum
-                correct += out.correct
-                seen += x.shape[0]
+                self._loss_sum += out.loss_sum
+                self._correct += out.correct
+                self._seen += x.shape[0]
                 self.progress.iteration += 1
                 self.progress.examples += x.shape[0]
                 bar.update()
                 if by_iteration and self.progress.iteration % every == 0:
                     with self.clock.paused():
                         epoch_float = epoch + (i + 1) / len(self.loader)
-                        row = self._row(epoch_float, control, loss_sum, correct, seen)
-                        self._emit(row, metrics, sinks, bar)
-                        loss_sum.zero_(), correct.zero_()
-                        seen, last_row_iteration = 0, self.progress.iteration
+                        self._emit(self._row(epoch_float, control), metrics, sinks, bar)
+                        last_row_iteration = self.progress.iteration
             self.clock.stop()
             self.progress.epoch = epoch + 1
             last_epoch = epoch + 1 == cfg.epochs
             due = (not by_iteration and (epoch + 1) % every == 0) or last_epoch
             if due and last_row_iteration != self.progress.iteration:
-                row = self._row(float(epoch + 1), control, loss_sum, correct, seen)
-                self._emit(row, metrics, sinks, bar)
-                loss_sum.zero_(), correct.zero_()
-                seen, last_row_iteration = 0, self.progress.iteration
+                self._emit(self._row(float(epoch + 1), control), metrics, sinks, bar)
+                last_row_iteration = self.progress.iteration
             self.lr_scheduler.step()  # after the row, so the row shows the lr this epoch used
             self._save_checkpoint(metrics)
 
-    def _row(
-        self,
-        epoch: float,
-        control: Control | None,
-        loss_sum: torch.Tensor,
-        correct: torch.Tensor,
-        seen: int,
-    ) -> dict[str, Any]:
+    def _row(self, epoch: float, control: Control | None) -> dict[str, Any]:
+        """Evaluate and build one metrics row; resets the since-last-row training sums."""
+        seen = self._seen
+        train_loss = self._loss_sum.item() / seen if seen else None
+        train_error = 1.0 - self._correct.item() / seen if seen else None
+        self._loss_sum.zero_()
+        self._correct.zero_()
+        self._seen = 0
         result = self._evaluate(self.eval_images, self.eval_labels, self.eval_attack)
         row: dict[str, Any] = {
             "epoch": round(epoch, 6),
@@ -351,8 +356,8 @@ class Trainer:
             "backward_passes": self.counter.backward,
             **self.method.knobs(control),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum.item() / seen if seen else None,
-            "train_error": 1.0 - correct.item() / seen if seen else None,
+            "train_loss": train_loss,
+            "train_error": train_error,
             "clean_error": result.clean_error,
             "robust_error": result.robust_error,
             "eval_examples": result.total,
@@ -453,7 +458,9 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
     ]
     if diffs:
         raise ConfigError(
-            "resume", True, "the checkpoint was trained with other settings: " + "; ".join(diffs[:3])
+            "resume",
+            True,
+            "the checkpoint was trained with other settings: " + "; ".join(diffs[:3]),
         )
 
 

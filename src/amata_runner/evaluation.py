@@ -60,7 +60,7 @@ def evaluate(
     batch_size: int,
     seed: int,
 ) -> EvalResult:
-    """Accuracy on (images, labels) clean and under ``attack``; ``images`` are uint8 on the device."""
+    """Accuracy on (images, labels) clean and under ``attack``; ``images``: uint8 on the device."""
     device = images.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)

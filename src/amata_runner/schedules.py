@@ -92,10 +92,8 @@ class Schedule:
     def at(self, epoch: int, iteration: int = 0) -> Control:
         k = math.floor(self.k_value(epoch, iteration) + 0.5)
         k = min(max(k, self.k_min), self.k_max)
-        if self.tau is None:  # the last control equals the baseline's (K_max, step_size) exactly
-            alpha = self.step_size * (self.k_max / k)
-        else:
-            alpha = self.tau / k
+        # tau = None: the last control equals the baseline's (K_max, step_size) exactly.
+        alpha = self.step_size * (self.k_max / k) if self.tau is None else self.tau / k
         return Control(steps=k, step_size=alpha)
 
     def epoch_controls(self) -> list[Control]:

@@ -13,6 +13,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from amata_runner.config import resolve_config
@@ -63,6 +64,26 @@ def check_job(conf_dir: str, overrides: list[str]) -> None:
             raise _composition_error(exc) from exc
     resolved = resolve_config(cfg)
     check_available(resolved.dataset)
+    check_model_fits(resolved)
+
+
+def check_model_fits(cfg: DictConfig) -> None:
+    """Build the model on the meta device: shape mismatches surface now, nothing is allocated."""
+    import torch
+
+    from amata_runner.models import build_model
+
+    ds = cfg.dataset
+    with torch.device("meta"):
+        model = build_model(
+            cfg.model.name,
+            num_classes=ds.num_classes,
+            channels=ds.channels,
+            image_size=ds.image_size,
+            mean=None,
+            std=None,
+        )
+        model(torch.zeros(1, ds.channels, ds.image_size, ds.image_size))
 
 
 def preflight(argv: list[str], conf_dir: str) -> None:

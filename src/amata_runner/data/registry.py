@@ -61,4 +61,6 @@ def load_splits(cfg: DictConfig) -> tuple[ImageSet, ImageSet]:
         return make_synthetic(
             cfg.num_train, cfg.num_test, cfg.channels, cfg.image_size, cfg.num_classes, cfg.seed
         )
-    raise ConfigError("dataset.name", name, "allowed: digits, mnist, fashion_mnist, cifar10, synthetic")
+    raise ConfigError(
+        "dataset.name", name, "allowed: digits, mnist, fashion_mnist, cifar10, synthetic"
+    )

@@ -1,7 +1,8 @@
 """PGD adversarial training, and Amata when a schedule anneals its control (Algorithm 1).
 
     for each mini-batch x^0:
-        for k = 1..K_t:  x^k = clip_{x^0, eps}(x^{k-1} + alpha_t * sign(grad_x l(h_theta(x^{k-1}), y)))
+        for k = 1..K_t:
+            x^k = clip_{x^0, eps}(x^{k-1} + alpha_t * sign(grad_x l(h_theta(x^{k-1}), y)))
         theta <- theta - eta * grad_theta l(h_theta(x^{K_t}), y)
 
 K_t and alpha_t come from the schedule (constant: the PGD-K baseline; linear: Amata).  The attack
