@@ -167,3 +167,13 @@ def test_built_wheel_carries_its_configs(tmp_path: Path) -> None:
         env=env,
     )
     assert job.returncode == 0 and "name: pgd" in job.stdout
+
+
+def test_ci_runs_the_readme_commands() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    block = readme.split("## Set up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    install, test = (line.split("#")[0].strip() for line in block.strip().splitlines())
+    assert install == 'pip install -e ".[dev]"' and test == "pytest"
+    ci_commands = [line.split("#")[0].strip() for line in ci.splitlines()]
+    assert install in ci_commands and test in ci_commands
