@@ -177,3 +177,14 @@ def test_ci_runs_the_readme_commands() -> None:
     assert install == 'pip install -e ".[dev]"' and test == "pytest"
     ci_commands = [line.split("#")[0].strip() for line in ci.splitlines()]
     assert install in ci_commands and test in ci_commands
+
+
+@pytest.mark.slow
+def test_quickstart_learns_a_robust_model(tmp_path: Path) -> None:
+    """`amata-run` with no arguments, exactly as the README says (about a minute on a CPU)."""
+    result = amata_run([], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((only_dir(tmp_path / "outputs") / "summary.json").read_text())
+    assert summary["epochs"] == 15 and summary["method"] == "amata"
+    assert summary["final"]["clean_accuracy"] > 0.7
+    assert summary["final"]["robust_accuracy"]["pgd20"] > 0.25  # chance is 0.1

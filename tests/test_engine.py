@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from amata_runner import engine
+from amata_runner import clock, engine
 from amata_runner.checkpoint import load_checkpoint
 from amata_runner.engine import Trainer, time_to_targets
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
+from amata_runner.methods.pgd import PGD
 from conftest import FAST, compose_resolved
 
 TIMING_KEYS = {"train_seconds"}
@@ -72,19 +72,26 @@ def test_passes_are_counted_from_the_schedule(tmp_path: Path) -> None:
 
 
 def test_train_clock_excludes_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = run(tmp_path / "fast")["train_seconds"]
-    real_evaluate = engine.evaluate
+    """A fake time source: each training batch takes 1 s, each evaluation 1000 s."""
+    now = {"t": 0.0}
+    monkeypatch.setattr(clock, "perf_counter", lambda: now["t"])
+    real_batch, real_evaluate = PGD.train_batch, engine.evaluate
+
+    def slow_batch(self: PGD, *args: Any) -> Any:
+        now["t"] += 1.0
+        return real_batch(self, *args)
 
     def slow_evaluate(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(1.5)
+        now["t"] += 1000.0
         return real_evaluate(*args, **kwargs)
 
+    monkeypatch.setattr(PGD, "train_batch", slow_batch)
     monkeypatch.setattr(engine, "evaluate", slow_evaluate)
-    start = time.perf_counter()
-    slow = run(tmp_path / "slow")["train_seconds"]
-    wall = time.perf_counter() - start
-    assert wall > slow + 3 * 1.5  # two periodic evaluations and the final one were slow
-    assert slow < fast + 1.0  # ... and none of that time is on the train clock
+    summary = run(tmp_path)
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["train_seconds"] for r in rows] == [12.0, 24.0]  # 12 batches per epoch
+    assert summary["train_seconds"] == 24.0
+    assert now["t"] == 24.0 + 3 * 1000.0  # the evaluations did take (fake) time
 
 
 class Crash(Exception):

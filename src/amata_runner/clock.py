@@ -8,9 +8,9 @@ and logging.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from time import perf_counter
 
 import torch
 
@@ -32,12 +32,12 @@ class TrainClock:
     def start(self) -> None:
         if self._started_at is None:
             self._sync()
-            self._started_at = time.perf_counter()
+            self._started_at = perf_counter()
 
     def stop(self) -> None:
         if self._started_at is not None:
             self._sync()
-            self._elapsed += time.perf_counter() - self._started_at
+            self._elapsed += perf_counter() - self._started_at
             self._started_at = None
 
     @property
@@ -46,7 +46,7 @@ class TrainClock:
         if self._started_at is None:
             return self._elapsed
         self._sync()
-        return self._elapsed + time.perf_counter() - self._started_at
+        return self._elapsed + perf_counter() - self._started_at
 
     @contextmanager
     def paused(self) -> Iterator[None]:
