@@ -24,7 +24,7 @@ def _check_args(batch_size: int, augment: str, padding: int) -> None:
     if augment not in AUGMENTATIONS:
         raise ConfigError("dataset.augment", augment, f"allowed: {', '.join(AUGMENTATIONS)}")
     if batch_size < 1:
-        raise ConfigError("train.batch_size", batch_size, "must be a positive integer")
+        raise ConfigError("batch_size", batch_size, "must be a positive integer")
     if padding < 0:
         raise ConfigError("dataset.padding", padding, "must be a non-negative integer")
 
