@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from amata_runner.checks import as_float
 from amata_runner.cli import config_dir
 from amata_runner.cli.preflight import preflight
-from amata_runner.config import as_float
 from amata_runner.errors import ConfigError
 from conftest import compose_raw, compose_resolved
 

@@ -91,7 +91,7 @@ def _noise_set(n: int, channels: int = 3, size: int = 12, seed: int = 0) -> Imag
 
 
 def _epoch(loader: DeviceLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.clone(), y.clone()) for x, y in loader]
+    return [(b.x.clone(), b.y.clone()) for b in loader]
 
 
 def _same_epochs(a: list, b: list) -> bool:
@@ -239,8 +239,8 @@ def test_loader_len_and_last_batch() -> None:
     keep = DeviceLoader(data, 4, "cpu", shuffle=False, drop_last=False)
     drop = DeviceLoader(data, 4, "cpu", shuffle=False, drop_last=True)
     assert len(keep) == 3 and len(drop) == 2 and keep.num_examples == 10
-    assert [len(y) for _, y in keep] == [4, 4, 2]
-    assert [len(y) for _, y in drop] == [4, 4]
+    assert [len(b.y) for b in keep] == [4, 4, 2]
+    assert [len(b.y) for b in drop] == [4, 4]
 
 
 def test_loader_keeps_uint8_on_device() -> None:
@@ -252,7 +252,7 @@ def test_loader_epoch_covers_every_example_once() -> None:
     data = _noise_set(23)
     data.labels = torch.arange(23, dtype=torch.int64)  # labels double as example ids
     loader = DeviceLoader(data, 5, "cpu", shuffle=True, drop_last=False, seed=1)
-    xs, ys = zip(*loader, strict=True)
+    xs, ys = zip(*((b.x, b.y) for b in loader), strict=True)
     seen = torch.cat(ys)
     assert sorted(seen.tolist()) == list(range(23))
     assert seen.tolist() != list(range(23)), "shuffle=True should reorder"
@@ -299,7 +299,8 @@ def test_crop_flip_is_a_shifted_window_with_per_example_offsets() -> None:
     pad = 4
     data = _noise_set(64, channels=3, size=10, seed=3)
     loader = DeviceLoader(data, 64, "cpu", shuffle=False, drop_last=False, augment="crop_flip")
-    [(x, _)] = list(loader)
+    [batch] = list(loader)
+    x = batch.x
     assert x.shape == (64, 3, 10, 10)
     placements = []
     for i in range(64):
@@ -314,10 +315,30 @@ def test_crop_flip_is_a_shifted_window_with_per_example_offsets() -> None:
 
 def test_no_augment_returns_original_pixels() -> None:
     data = _noise_set(6)
-    [(x, _)] = list(DeviceLoader(data, 6, "cpu", shuffle=False, drop_last=False))
-    assert torch.equal(x, data.images.float() / 255)
+    [batch] = list(DeviceLoader(data, 6, "cpu", shuffle=False, drop_last=False))
+    assert torch.equal(batch.x, data.images.float() / 255)
+    assert batch.crop is None and torch.equal(batch.index, torch.arange(6))
 
 
 def test_bad_augment_name() -> None:
     with pytest.raises(ConfigError, match="crop_flip"):
         DeviceLoader(_noise_set(4), 2, "cpu", shuffle=False, drop_last=False, augment="mixup")
+
+
+def test_crop_flip_params_move_state_between_frames() -> None:
+    """What ATTA needs: the batch's crop applied to per-example state, and undone exactly."""
+    data = _noise_set(32, channels=3, size=10, seed=5)
+    loader = DeviceLoader(data, 32, "cpu", shuffle=True, drop_last=False, augment="crop_flip")
+    [batch] = list(loader)
+    assert batch.crop is not None
+    originals = data.images[batch.index].float() / 255
+    assert torch.equal(batch.crop.apply(originals), batch.x)  # the same crop, replayed
+    state = torch.rand(32, 3, 10, 10)
+    moved = batch.crop.apply(state)
+    back = batch.crop.invert(moved, state)
+    assert torch.equal(back, state)  # round trip: visible pixels return, cut-off ones are kept
+    edited = batch.crop.invert(moved + 1.0, state)
+    changed = edited != state
+    # exactly the pixels the crop kept from the image (not from the padding) were written back
+    inside = batch.crop.apply(torch.ones_like(state)).sum(dim=(1, 2, 3))
+    assert torch.equal(changed.sum(dim=(1, 2, 3)).float(), inside)

@@ -12,19 +12,37 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from amata_runner import method_configs
+from amata_runner.checks import at_least, one_of, positive_budget, require
 from amata_runner.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
 MODELS = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50")
-METHODS = ("erm", "pgd", "amata")
-SCHEDULES = ("constant", "linear", "exponential")
-LR_SCHEDULES = ("constant", "multistep", "cosine")
+METHODS = (
+    "erm",
+    "pgd",
+    "amata",
+    "fosc",
+    "fat",
+    "yopo",
+    "amata_yopo",
+    "free",
+    "amata_free",
+    "fast",
+    "amata_fast",
+    "atta",
+    "amata_atta",
+)
+# Methods whose strength follows the `schedule` group (the others are unscheduled or, like FOSC
+# and FAT, carry their reference schedule in their own config).
+SCHEDULED_METHODS = tuple(m for m in METHODS if m not in ("erm", "fosc", "fat"))
+SCHEDULES = ("constant", "linear", "exponential", "step")
+LR_SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
 LOGGERS = ("jsonl", "wandb")
 PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENTS = ("none", "crop_flip")
@@ -117,6 +135,7 @@ class ScheduleConfig:
     eta: float = 1.0
     unit: str = "epoch"
     endpoint: str = "paper"
+    switch: int = 0
 
 
 @dataclass
@@ -129,6 +148,7 @@ class OptimConfig:
     lr_schedule: str = "multistep"
     milestones: list[int] = "${dataset.recipe.lr_milestones}"  # type: ignore[assignment]
     gamma: float = 0.1
+    cycle_momentum: bool = False
 
 
 @dataclass
@@ -213,7 +233,7 @@ def register_schemas() -> None:
             "base": DatasetConfig,
         },
         "model": {"base": ModelConfig},
-        "method": {"erm": ERMConfig, "pgd": PGDConfig},
+        "method": {"erm": ERMConfig, "pgd": PGDConfig, **method_configs.SCHEMAS},
         "schedule": {"base": ScheduleConfig},
         "optim": {"sgd": OptimConfig},
         "eval": {"base": EvalConfig},
@@ -223,52 +243,6 @@ def register_schemas() -> None:
     for group, options in groups.items():
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
-
-
-# --------------------------------------------------------------------------- numbers
-_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
-
-
-def as_float(key: str, value: Any) -> float:
-    """Read a budget the way users type it: ``0.3``, ``8/255`` or ``"2/255"``."""
-    if isinstance(value, bool):
-        raise ConfigError(key, value, "expected a number such as 0.3 or a fraction such as 8/255")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        match = _FRACTION.match(text)
-        try:
-            if match:
-                return float(Fraction(match.group(1)) / Fraction(match.group(2)))
-            return float(text)
-        except (ValueError, ZeroDivisionError):
-            pass
-    raise ConfigError(key, value, "expected a number such as 0.3 or a fraction such as 8/255")
-
-
-# --------------------------------------------------------------------------- checks
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
-
-
-def _one_of(cfg: DictConfig, key: str, options: tuple[str, ...]) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(value in options, key, value, "allowed: " + ", ".join(options))
-
-
-def _positive_budget(cfg: DictConfig, key: str, upper: float | None = None) -> None:
-    value = as_float(key, OmegaConf.select(cfg, key))
-    _require(value > 0, key, value, "must be > 0")
-    if upper is not None:
-        _require(value <= upper, key, value, f"must be <= {upper} (pixel units, data in [0,1])")
-    OmegaConf.update(cfg, key, value)
-
-
-def _at_least(cfg: DictConfig, key: str, low: int | float) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(value >= low, key, value, f"must be >= {low}")
 
 
 def resolve_config(cfg: DictConfig) -> DictConfig:
@@ -290,15 +264,13 @@ def validate(cfg: DictConfig) -> None:
     """Range and consistency checks; fraction budgets are replaced by floats in place."""
     _check_run(cfg)
     _check_dataset(cfg)
-    _require(
-        cfg.model.name in MODELS, "model.name", cfg.model.name, "allowed: " + ", ".join(MODELS)
-    )
+    require(cfg.model.name in MODELS, "model.name", cfg.model.name, "allowed: " + ", ".join(MODELS))
     _check_method_and_schedule(cfg)
     _check_optim(cfg)
     _check_eval(cfg)
-    _one_of(cfg, "logger.name", LOGGERS)
+    one_of(cfg, "logger.name", LOGGERS)
     if cfg.logger.name == "wandb":
-        _require(
+        require(
             importlib.util.find_spec("wandb") is not None,
             "logger",
             "wandb",
@@ -307,11 +279,11 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_run(cfg: DictConfig) -> None:
-    _at_least(cfg, "epochs", 1)
-    _at_least(cfg, "batch_size", 1)
-    _one_of(cfg, "precision", PRECISIONS)
+    at_least(cfg, "epochs", 1)
+    at_least(cfg, "batch_size", 1)
+    one_of(cfg, "precision", PRECISIONS)
     device = str(cfg.device)
-    _require(
+    require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None,
         "device",
         device,
@@ -320,7 +292,7 @@ def _check_run(cfg: DictConfig) -> None:
     if device.startswith("cuda"):
         import torch
 
-        _require(
+        require(
             torch.cuda.is_available(),
             "device",
             device,
@@ -329,79 +301,87 @@ def _check_run(cfg: DictConfig) -> None:
 
 
 def _check_dataset(cfg: DictConfig) -> None:
-    _one_of(cfg, "dataset.name", DATASETS)
-    _at_least(cfg, "dataset.num_classes", 2)
-    _at_least(cfg, "dataset.channels", 1)
-    _at_least(cfg, "dataset.image_size", 8)
-    _one_of(cfg, "dataset.augment", AUGMENTS)
+    one_of(cfg, "dataset.name", DATASETS)
+    at_least(cfg, "dataset.num_classes", 2)
+    at_least(cfg, "dataset.channels", 1)
+    at_least(cfg, "dataset.image_size", 8)
+    one_of(cfg, "dataset.augment", AUGMENTS)
     for stat in ("mean", "std"):
         values = cfg.dataset[stat]
         if values is not None:
-            _require(
+            require(
                 len(values) == cfg.dataset.channels,
                 f"dataset.{stat}",
                 list(values),
                 f"needs one entry per channel ({cfg.dataset.channels})",
             )
     if cfg.dataset.std is not None:
-        _require(all(s > 0 for s in cfg.dataset.std), "dataset.std", list(cfg.dataset.std), "> 0")
-    _positive_budget(cfg, "dataset.threat.eps", upper=1.0)
-    _positive_budget(cfg, "dataset.threat.step_size")
-    _at_least(cfg, "dataset.threat.steps", 1)
+        require(all(s > 0 for s in cfg.dataset.std), "dataset.std", list(cfg.dataset.std), "> 0")
+    positive_budget(cfg, "dataset.threat.eps", upper=1.0)
+    positive_budget(cfg, "dataset.threat.step_size")
+    at_least(cfg, "dataset.threat.steps", 1)
     if cfg.dataset.name == "digits":
         fraction = cfg.dataset.test_fraction
-        _require(0 < fraction < 1, "dataset.test_fraction", fraction, "must be in (0, 1)")
+        require(0 < fraction < 1, "dataset.test_fraction", fraction, "must be in (0, 1)")
     if cfg.dataset.name == "synthetic":
-        _at_least(cfg, "dataset.num_train", 1)
-        _at_least(cfg, "dataset.num_test", 1)
+        at_least(cfg, "dataset.num_train", 1)
+        at_least(cfg, "dataset.num_test", 1)
 
 
 def _check_method_and_schedule(cfg: DictConfig) -> None:
-    _one_of(cfg, "method.name", METHODS)
-    if cfg.method.name == "erm":
+    one_of(cfg, "method.name", METHODS)
+    name = cfg.method.name
+    if name in ("pgd", "amata"):
+        positive_budget(cfg, "method.eps", upper=1.0)
+        positive_budget(cfg, "method.step_size")
+        at_least(cfg, "method.steps", 1)
+        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
+    check = method_configs.CHECKS.get(name.removeprefix("amata_"))
+    if check is not None:
+        check(cfg)
+    if name not in SCHEDULED_METHODS:
         return
-    _positive_budget(cfg, "method.eps", upper=1.0)
-    _positive_budget(cfg, "method.step_size")
-    _at_least(cfg, "method.steps", 1)
-    _one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
 
-    _one_of(cfg, "schedule.name", SCHEDULES)
-    _one_of(cfg, "schedule.unit", UNITS)
-    _one_of(cfg, "schedule.endpoint", ("paper", "inclusive"))
-    _at_least(cfg, "schedule.k_min", 1)
-    _at_least(cfg, "schedule.k_max", 1)
+    one_of(cfg, "schedule.name", SCHEDULES)
+    one_of(cfg, "schedule.unit", UNITS)
+    one_of(cfg, "schedule.endpoint", ("paper", "inclusive"))
+    at_least(cfg, "schedule.k_min", 1)
+    at_least(cfg, "schedule.k_max", 1)
     k_min, k_max = cfg.schedule.k_min, cfg.schedule.k_max
-    _require(k_min <= k_max, "schedule.k_min", k_min, f"must be <= schedule.k_max ({k_max})")
+    require(k_min <= k_max, "schedule.k_min", k_min, f"must be <= schedule.k_max ({k_max})")
     if cfg.schedule.tau is not None:
-        _positive_budget(cfg, "schedule.tau")
+        positive_budget(cfg, "schedule.tau")
     if cfg.schedule.name == "exponential":
-        _require(cfg.schedule.eta > 0, "schedule.eta", cfg.schedule.eta, "must be > 0")
+        require(cfg.schedule.eta > 0, "schedule.eta", cfg.schedule.eta, "must be > 0")
+    if cfg.schedule.name == "step":
+        switch = cfg.schedule.switch
+        require(0 <= switch <= cfg.epochs, "schedule.switch", switch, "must be in [0, epochs]")
 
 
 def _check_optim(cfg: DictConfig) -> None:
-    _require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
-    _require(0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)")
-    _at_least(cfg, "optim.weight_decay", 0)
-    _one_of(cfg, "optim.lr_schedule", LR_SCHEDULES)
+    require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    require(0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)")
+    at_least(cfg, "optim.weight_decay", 0)
+    one_of(cfg, "optim.lr_schedule", LR_SCHEDULES)
     milestones = list(cfg.optim.milestones)
-    _require(
+    require(
         all(m > 0 for m in milestones) and milestones == sorted(set(milestones)),
         "optim.milestones",
         milestones,
         "must be strictly increasing positive epochs",
     )
-    _require(0 < cfg.optim.gamma <= 1, "optim.gamma", cfg.optim.gamma, "must be in (0, 1]")
+    require(0 < cfg.optim.gamma <= 1, "optim.gamma", cfg.optim.gamma, "must be in (0, 1]")
 
 
 def _check_eval(cfg: DictConfig) -> None:
-    _at_least(cfg, "eval.every", 1)
-    _one_of(cfg, "eval.unit", UNITS)
-    _at_least(cfg, "eval.subset", 1)
-    _at_least(cfg, "eval.batch_size", 1)
+    at_least(cfg, "eval.every", 1)
+    one_of(cfg, "eval.unit", UNITS)
+    at_least(cfg, "eval.subset", 1)
+    at_least(cfg, "eval.batch_size", 1)
     for attack in ("eval.attack", "eval.final_attack"):
-        _at_least(cfg, f"{attack}.steps", 1)
-        _positive_budget(cfg, f"{attack}.eps", upper=1.0)
-        _positive_budget(cfg, f"{attack}.step_size")
+        at_least(cfg, f"{attack}.steps", 1)
+        positive_budget(cfg, f"{attack}.eps", upper=1.0)
+        positive_budget(cfg, f"{attack}.step_size")
     for key in ("eval.target_robust_errors", "eval.target_clean_errors"):
         targets = list(OmegaConf.select(cfg, key))
-        _require(all(0 <= t <= 1 for t in targets), key, targets, "errors must be in [0, 1]")
+        require(all(0 <= t <= 1 for t in targets), key, targets, "errors must be in [0, 1]")

@@ -80,9 +80,22 @@ def training_precision(precision: str, device: torch.device) -> str:
 
 
 def build_lr_scheduler(
-    cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch: multistep (the paper's CIFAR10 75/90), cosine, or constant."""
+    """multistep (the paper's CIFAR10 75/90), cosine, constant: stepped once per epoch;
+    cyclic (Fast's 0 -> lr -> 0 triangle over the whole run): stepped every iteration."""
+    if cfg.lr_schedule == "cyclic":
+        total = max(epochs * iters_per_epoch, 2)
+        return torch.optim.lr_scheduler.CyclicLR(
+            optimizer,
+            base_lr=0.0,
+            max_lr=cfg.lr,
+            step_size_up=total // 2,
+            step_size_down=total - total // 2,
+            cycle_momentum=cfg.cycle_momentum,
+            base_momentum=0.8,
+            max_momentum=cfg.momentum,
+        )
     if cfg.lr_schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma
@@ -95,6 +108,7 @@ def build_lr_scheduler(
 def build_schedule(cfg: DictConfig, epochs: int, iters_per_epoch: int) -> Schedule:
     s = cfg.schedule
     return Schedule(
+        switch=float(s.switch),
         name=s.name,
         k_min=int(s.k_min),
         k_max=int(s.k_max),
@@ -178,14 +192,28 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov,
         )
-        self.lr_scheduler = build_lr_scheduler(cfg.optim, self.optimizer, cfg.epochs)
         self.precision = training_precision(cfg.precision, self.device)
         self.counter = PassCounter()
-        self.method: Method = build_method(
-            cfg.method, TrainContext(self.model, self.optimizer, self.counter, self._autocast)
+        context = TrainContext(
+            model=self.model,
+            optimizer=self.optimizer,
+            counter=self.counter,
+            autocast=self._autocast,
+            device=self.device,
+            num_train=len(train_set),
+            image_shape=(ds.channels, ds.image_size, ds.image_size),
+            num_classes=ds.num_classes,
+            iters_per_epoch=len(self.loader),
+            epochs=cfg.epochs,
         )
+        self.method: Method = build_method(cfg.method, context)
+        self.epochs = self.method.epochs(cfg.epochs)
+        self.lr_scheduler = build_lr_scheduler(
+            cfg.optim, self.optimizer, self.epochs, len(self.loader)
+        )
+        self.lr_per_iteration = cfg.optim.lr_schedule == "cyclic"
         self.schedule: Schedule | None = (
-            build_schedule(cfg, cfg.epochs, len(self.loader)) if self.method.uses_control else None
+            build_schedule(cfg, self.epochs, len(self.loader)) if self.method.uses_control else None
         )
         self.clock = TrainClock(self.device)
         self.progress = Progress()
@@ -285,7 +313,7 @@ class Trainer:
         for sink in sinks:
             self.wandb_id = sink.run_id or self.wandb_id
         bar = ProgressBar(
-            total=self.cfg.epochs * len(self.loader),
+            total=self.epochs * len(self.loader),
             initial=self.progress.iteration,
             enabled=self.cfg.progress,
             desc=str(self.cfg.name),
@@ -310,18 +338,22 @@ class Trainer:
         per_iteration_control = self.schedule is not None and self.schedule.per_iteration
         last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
 
-        for epoch in range(self.progress.epoch, cfg.epochs):
+        for epoch in range(self.progress.epoch, self.epochs):
             control = self.control(epoch)
             self.clock.start()
-            for i, (x, y) in enumerate(self.loader):
+            self.method.start_epoch(epoch, control)
+            for i, batch in enumerate(self.loader):
                 if per_iteration_control:
                     control = self.control(epoch, i)
-                out = self.method.train_batch(x, y, control)
+                out = self.method.train_batch(batch, control)
+                if self.lr_per_iteration:
+                    self.lr_scheduler.step()
+                n = batch.x.shape[0]
                 self._loss_sum += out.loss_sum
                 self._correct += out.correct
-                self._seen += x.shape[0]
+                self._seen += n
                 self.progress.iteration += 1
-                self.progress.examples += x.shape[0]
+                self.progress.examples += n
                 bar.update()
                 if by_iteration and self.progress.iteration % every == 0:
                     with self.clock.paused():
@@ -330,13 +362,19 @@ class Trainer:
                         last_row_iteration = self.progress.iteration
             self.clock.stop()
             self.progress.epoch = epoch + 1
-            last_epoch = epoch + 1 == cfg.epochs
+            stopping = self.method.stop_requested()
+            if stopping:
+                log.info("%s asked to stop after epoch %d", cfg.method.name, epoch + 1)
+            last_epoch = epoch + 1 == self.epochs or stopping
             due = (not by_iteration and (epoch + 1) % every == 0) or last_epoch
             if due and last_row_iteration != self.progress.iteration:
                 self._emit(self._row(float(epoch + 1), control), metrics, sinks, bar)
                 last_row_iteration = self.progress.iteration
-            self.lr_scheduler.step()  # after the row, so the row shows the lr this epoch used
+            if not self.lr_per_iteration:  # after the row, so it shows the lr this epoch used
+                self.lr_scheduler.step()
             self._save_checkpoint(metrics)
+            if stopping:
+                break
 
     def _row(self, epoch: float, control: Control | None) -> dict[str, Any]:
         """Evaluate and build one metrics row; resets the since-last-row training sums."""
@@ -362,6 +400,7 @@ class Trainer:
             "robust_error": result.robust_error,
             "eval_examples": result.total,
             "eval_attack": self.eval_attack.name,
+            **self.method.metrics(),
         }
         if result.robust_accuracy > self.progress.best_robust_accuracy:
             self.progress.best_robust_accuracy = result.robust_accuracy

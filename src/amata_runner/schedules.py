@@ -17,25 +17,36 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEDULE_NAMES = ("constant", "linear", "exponential")
+SCHEDULE_NAMES = ("constant", "linear", "exponential", "step")
 
 
 @dataclass(frozen=True)
 class Control:
-    """The knobs of a PGD-style inner loop for one epoch or iteration."""
+    """The schedule's output for one epoch or iteration, read by each method in its own terms.
+
+    ``steps`` is the integer strength K (PGD/YOPO steps, Free replays, ATTA's reset period),
+    ``step_size`` is alpha = tau / K, and ``strength`` is where the schedule stands between its
+    weakest (0) and strongest (1) setting, for methods whose knob is a mode (Fast's start).
+    """
 
     steps: int
     step_size: float
+    strength: float = 1.0
 
 
-def anneal_fraction(name: str, t: float, total: float, eta: float = 1.0) -> float:
+def anneal_fraction(
+    name: str, t: float, total: float, eta: float = 1.0, switch: float = 0.0
+) -> float:
     """Where between the weakest (0) and the strongest (1) control the schedule is at time t.
 
     ``t`` and ``total`` are in epochs (fractional under per-iteration annealing).  ``constant`` is
-    always at the strong end: the plain baselines run their full K from the start.
+    always at the strong end: the plain baselines run their full K from the start.  ``step`` is
+    weak for the first ``switch`` epochs and strong after (Amata+Fast, Amata+ATTA).
     """
     if name == "constant":
         return 1.0
+    if name == "step":
+        return 0.0 if t < switch else 1.0
     if total <= 0:
         return 0.0
     if name == "linear":
@@ -61,6 +72,7 @@ class Schedule:
     eta: float = 1.0
     unit: str = "epoch"
     endpoint: str = "paper"
+    switch: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.k_min <= self.k_max:
@@ -85,16 +97,18 @@ class Schedule:
 
     def k_value(self, epoch: int, iteration: int = 0) -> float:
         """The real-valued K_t of the paper's formula, before rounding."""
+        return self.k_min + (self.k_max - self.k_min) * self.fraction(epoch, iteration)
+
+    def fraction(self, epoch: int, iteration: int = 0) -> float:
         t, total = self.progress(epoch, iteration)
-        fraction = anneal_fraction(self.name, t, total, self.eta)
-        return self.k_min + (self.k_max - self.k_min) * fraction
+        return anneal_fraction(self.name, t, total, self.eta, self.switch)
 
     def at(self, epoch: int, iteration: int = 0) -> Control:
         k = math.floor(self.k_value(epoch, iteration) + 0.5)
         k = min(max(k, self.k_min), self.k_max)
         # tau = None: the last control equals the baseline's (K_max, step_size) exactly.
         alpha = self.step_size * (self.k_max / k) if self.tau is None else self.tau / k
-        return Control(steps=k, step_size=alpha)
+        return Control(steps=k, step_size=alpha, strength=self.fraction(epoch, iteration))
 
     def epoch_controls(self) -> list[Control]:
         """The control at the start of every epoch (what `unit=epoch` runs use)."""

@@ -9,10 +9,12 @@ from amata_runner.data.datasets import (
     load_mnist,
     make_synthetic,
 )
-from amata_runner.data.loader import DeviceLoader
+from amata_runner.data.loader import Batch, CropFlip, DeviceLoader
 from amata_runner.data.registry import check_available, load_splits
 
 __all__ = [
+    "Batch",
+    "CropFlip",
     "DeviceLoader",
     "ImageSet",
     "check_available",

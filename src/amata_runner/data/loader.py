@@ -8,6 +8,7 @@ shuffling and augmentation with batched tensor ops where the model runs.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from amata_runner.data.datasets import ImageSet
 from amata_runner.errors import ConfigError
 
-__all__ = ["AUGMENTATIONS", "DeviceLoader"]
+__all__ = ["AUGMENTATIONS", "Batch", "CropFlip", "DeviceLoader"]
 
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -29,25 +30,76 @@ def _check_args(batch_size: int, augment: str, padding: int) -> None:
         raise ConfigError("dataset.padding", padding, "must be a non-negative integer")
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-example random crop of the zero-padded batch plus a random horizontal flip.
+@dataclass(frozen=True)
+class CropFlip:
+    """The crop offsets and flips drawn for one batch.
 
-    Built from two gathers instead of a loop over examples so it stays one set of kernels per
-    batch with no host round trip, whatever the batch size.
+    Kept so that state stored per example in the un-augmented frame (ATTA's perturbations) can be
+    moved into the augmented frame with ``apply`` and back with ``invert``.
     """
-    b, c, h, w = x.shape
-    device = x.device
-    padded = F.pad(x, (padding, padding, padding, padding))
-    span = 2 * padding + 1
-    top = torch.randint(0, span, (b,), generator=generator, device=device)
-    left = torch.randint(0, span, (b,), generator=generator, device=device)
-    flip = torch.randint(0, 2, (b,), generator=generator, device=device).bool()
-    rows = top[:, None] + torch.arange(h, device=device)  # (B, H)
-    cols = left[:, None] + torch.arange(w, device=device)  # (B, W)
-    # Reading the window's columns backwards is the same as flipping the crop.
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, padded.shape[3]))
-    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+    top: torch.Tensor  # (B,) offsets into the zero-padded image
+    left: torch.Tensor  # (B,)
+    flip: torch.Tensor  # (B,) bool: horizontal flip after the crop
+    padding: int
+
+    @staticmethod
+    def draw(b: int, padding: int, generator: torch.Generator, device: torch.device) -> CropFlip:
+        span = 2 * padding + 1
+        top = torch.randint(0, span, (b,), generator=generator, device=device)
+        left = torch.randint(0, span, (b,), generator=generator, device=device)
+        flip = torch.randint(0, 2, (b,), generator=generator, device=device).bool()
+        return CropFlip(top, left, flip, padding)
+
+    def _grid(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.top.device
+        rows = self.top[:, None] + torch.arange(h, device=device)  # (B, H)
+        cols = self.left[:, None] + torch.arange(w, device=device)  # (B, W)
+        return rows, cols
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop each zero-padded example at its offset and flip it where drawn (two gathers)."""
+        b, c, h, w = x.shape
+        p = self.padding
+        padded = F.pad(x, (p, p, p, p))
+        rows, cols = self._grid(h, w)
+        # Reading the window's columns backwards is the same as flipping the crop.
+        cols = torch.where(self.flip[:, None], cols.flip(1), cols)
+        out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, padded.shape[3]))
+        return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+    def invert(self, augmented: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Write augmented values back to their un-augmented positions.
+
+        Pixels that the crop cut off keep their value from ``original``; pixels the crop took
+        from the zero padding are dropped.
+        """
+        b, c, h, w = original.shape
+        p = self.padding
+        unflipped = torch.where(self.flip[:, None, None, None], augmented.flip(3), augmented)
+        padded = F.pad(original, (p, p, p, p))
+        width = w + 2 * p
+        rows, cols = self._grid(h, w)
+        flat = (rows[:, :, None] * width + cols[:, None, :]).reshape(b, 1, h * w)
+        padded = padded.reshape(b, c, -1).scatter(
+            2, flat.expand(b, c, h * w), unflipped.reshape(b, c, -1)
+        )
+        return padded.reshape(b, c, h + 2 * p, width)[:, :, p : p + h, p : p + w]
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-example random crop of the zero-padded batch plus a random horizontal flip."""
+    return CropFlip.draw(x.shape[0], padding, generator, x.device).apply(x)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch: images in [0,1], labels, dataset indices and the augmentation drawn."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    crop: CropFlip | None = None
 
 
 class DeviceLoader:
@@ -97,13 +149,15 @@ class DeviceLoader:
             return torch.randperm(n, generator=self.generator, device=self.device)
         return torch.arange(n, device=self.device)
 
-    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, idx: torch.Tensor) -> Batch:
         x = self._images.index_select(0, idx).to(torch.float32).div_(255.0)
+        crop = None
         if self.augment == "crop_flip":
-            x = random_crop_flip(x, self.padding, self.generator)
-        return x, self._labels.index_select(0, idx)
+            crop = CropFlip.draw(x.shape[0], self.padding, self.generator, self.device)
+            x = crop.apply(x)
+        return Batch(x, self._labels.index_select(0, idx), idx, crop)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         order = self._order()
         bs = self.batch_size
         # Batch boundaries are host ints, so slicing never waits on the device.

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amata_runner.data.loader import Batch
 from amata_runner.passes import PassCounter
 from amata_runner.schedules import Control
 
@@ -32,12 +33,22 @@ class StepOutput:
 
 @dataclass
 class TrainContext:
-    """What a method needs from the engine."""
+    """What a method needs from the engine.
+
+    ``num_train`` and ``image_shape`` let methods keep per-example state (ATTA) or per-batch
+    state (Free) of the right size; ``iters_per_epoch`` lets them reason about epochs.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     counter: PassCounter
     autocast: Callable[[], AbstractContextManager[Any]]
+    device: torch.device
+    num_train: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    iters_per_epoch: int
+    epochs: int
 
 
 class Method(ABC):
@@ -49,14 +60,31 @@ class Method(ABC):
         self.ctx = ctx
 
     @abstractmethod
-    def train_batch(self, x: torch.Tensor, y: torch.Tensor, control: Control | None) -> StepOutput:
-        """Train on (x, y) in [0,1] pixel space under ``control`` (None for unscheduled methods)."""
+    def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
+        """Train on ``batch`` (pixels in [0,1]) under ``control`` (None for unscheduled methods)."""
+
+    def start_epoch(self, epoch: int, control: Control | None) -> None:
+        """Called before each epoch (0-based), for methods with per-epoch schedules of their own."""
+        del epoch, control
+
+    def epochs(self, configured: int) -> int:
+        """How many epochs to run for ``epochs=configured`` (Free divides by its replays)."""
+        return configured
 
     def knobs(self, control: Control | None) -> dict[str, float | int]:
         """The strength knobs to record in metrics rows."""
         if control is None:
             return {}
         return {"K": control.steps, "alpha": control.step_size}
+
+    def stop_requested(self) -> bool:
+        """True ends training after the current epoch (Fast's early stop on catastrophic
+        overfitting); the final evaluation and checkpoint still happen."""
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        """Method-specific measurements since the last call (read at evaluation points only)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """State a method carries across batches (none for PGD/ERM), saved in checkpoints."""

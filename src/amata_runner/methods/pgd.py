@@ -13,9 +13,10 @@ objective, not the YOPO code's adversarial + clean sum).
 
 from __future__ import annotations
 
-import torch
+from omegaconf import DictConfig
 
 from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
 from amata_runner.schedules import Control
 
@@ -31,19 +32,23 @@ class PGD(Method):
         self.random_start = random_start
         self.attack_bn = attack_bn
 
-    def train_batch(self, x: torch.Tensor, y: torch.Tensor, control: Control | None) -> StepOutput:
+    def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         if control is None:
             raise ValueError("PGD needs a control (K, alpha) from a schedule")
         model = self.ctx.model
         with attack_mode(model, self.attack_bn), self.ctx.autocast():
             x_adv = pgd_linf(
                 model,
-                x,
-                y,
+                batch.x,
+                batch.y,
                 eps=self.eps,
                 step_size=control.step_size,
                 steps=control.steps,
                 random_start=self.random_start,
                 counter=self.ctx.counter,
             )
-        return self.update(x_adv, y)
+        return self.update(x_adv, batch.y)
+
+
+def build(cfg: DictConfig, ctx: TrainContext) -> PGD:
+    return PGD(ctx, eps=cfg.eps, random_start=cfg.random_start, attack_bn=cfg.attack_bn)

@@ -1,0 +1,59 @@
+"""Small validators shared by the config checks: each raises a one-line ConfigError.
+
+They read and write a resolved ``DictConfig`` by dotted key, so the error names the key exactly
+as the user would type it on the command line.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from amata_runner.errors import ConfigError
+
+_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def as_float(key: str, value: Any) -> float:
+    """Read a budget the way users type it: ``0.3``, ``8/255`` or ``"2/255"``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, value, "expected a number such as 0.3 or a fraction such as 8/255")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        match = _FRACTION.match(text)
+        try:
+            if match:
+                return float(Fraction(match.group(1)) / Fraction(match.group(2)))
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(key, value, "expected a number such as 0.3 or a fraction such as 8/255")
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def one_of(cfg: DictConfig, key: str, options: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    require(value in options, key, value, "allowed: " + ", ".join(options))
+
+
+def positive_budget(cfg: DictConfig, key: str, upper: float | None = None) -> None:
+    """Check a budget (eps, step size, tau) and store it back as a float, fractions resolved."""
+    value = as_float(key, OmegaConf.select(cfg, key))
+    require(value > 0, key, value, "must be > 0")
+    if upper is not None:
+        require(value <= upper, key, value, f"must be <= {upper} (pixel units, data in [0,1])")
+    OmegaConf.update(cfg, key, value)
+
+
+def at_least(cfg: DictConfig, key: str, low: int | float) -> None:
+    value = OmegaConf.select(cfg, key)
+    require(value >= low, key, value, f"must be >= {low}")

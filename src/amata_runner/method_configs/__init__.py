@@ -1,0 +1,27 @@
+"""Config schemas and range checks of the methods beyond PGD, kept free of torch imports.
+
+Each module ``<method>.py`` here defines ``SCHEMA`` (a dataclass registered in Hydra's ConfigStore
+as ``schema/method/<method>``, which ``conf/method/<method>.yaml`` lists first) and
+``check(cfg)``, which validates ``cfg.method`` of a resolved config and raises ``ConfigError``
+(use the helpers ``require``, ``one_of``, ``positive_budget``, ``at_least`` of
+``amata_runner.checks``).  The ``amata_<method>`` variants share their base method's schema.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+METHOD_MODULES = ("fosc", "fat", "yopo", "free", "fast", "atta")
+
+SCHEMAS: dict[str, type] = {}
+CHECKS: dict[str, Callable[[Any], None]] = {}
+
+for _name in METHOD_MODULES:
+    if importlib.util.find_spec(f"amata_runner.method_configs.{_name}") is None:  # INTEGRATION
+        continue
+    _module = importlib.import_module(f"amata_runner.method_configs.{_name}")
+    SCHEMAS[_name] = _module.SCHEMA
+    CHECKS[_name] = _module.check
