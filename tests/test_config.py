@@ -86,7 +86,12 @@ BAD_OVERRIDES = [
     (["method.step_size=0"], "method.step_size", "> 0"),
     (["schedule.tau=0"], "schedule.tau", "> 0"),
     (["schedule.tau=-1"], "schedule.tau", "> 0"),
-    (["method=nope"], "method", "allowed: amata, erm, pgd"),
+    (
+        ["method=nope"],
+        "method",
+        "allowed: amata, amata_atta, amata_fast, amata_free, amata_yopo, atta, erm, fast, fat, "
+        "fosc, free, pgd, yopo",
+    ),
     (["dataset=imagenet"], "dataset", "allowed: cifar10, digits"),
     (["schedule.name=cosine"], "schedule.name", "allowed: constant, linear, exponential"),
     (["method.attack_bn=frozen"], "method.attack_bn", "allowed: eval, train"),

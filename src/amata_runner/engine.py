@@ -131,6 +131,7 @@ class Progress:
     examples: int = 0  # training examples drawn
     best_robust_accuracy: float = -1.0
     best_epoch: int = -1
+    stopped_early: bool = False  # the method ended training (Fast's early stop)
 
 
 _TARGET_FIELDS = ("train_seconds", "epoch", "iteration", "forward_passes", "backward_passes")
@@ -338,6 +339,8 @@ class Trainer:
         per_iteration_control = self.schedule is not None and self.schedule.per_iteration
         last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
 
+        if self.progress.stopped_early:
+            return
         for epoch in range(self.progress.epoch, self.epochs):
             control = self.control(epoch)
             self.clock.start()
@@ -360,9 +363,10 @@ class Trainer:
                         epoch_float = epoch + (i + 1) / len(self.loader)
                         self._emit(self._row(epoch_float, control), metrics, sinks, bar)
                         last_row_iteration = self.progress.iteration
+            stopping = self.method.stop_requested()  # its check is training work: on the clock
             self.clock.stop()
             self.progress.epoch = epoch + 1
-            stopping = self.method.stop_requested()
+            self.progress.stopped_early = stopping
             if stopping:
                 log.info("%s asked to stop after epoch %d", cfg.method.name, epoch + 1)
             last_epoch = epoch + 1 == self.epochs or stopping

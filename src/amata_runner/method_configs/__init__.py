@@ -10,7 +10,6 @@ as ``schema/method/<method>``, which ``conf/method/<method>.yaml`` lists first) 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +19,6 @@ SCHEMAS: dict[str, type] = {}
 CHECKS: dict[str, Callable[[Any], None]] = {}
 
 for _name in METHOD_MODULES:
-    if importlib.util.find_spec(f"amata_runner.method_configs.{_name}") is None:  # INTEGRATION
-        continue
     _module = importlib.import_module(f"amata_runner.method_configs.{_name}")
     SCHEMAS[_name] = _module.SCHEMA
     CHECKS[_name] = _module.check

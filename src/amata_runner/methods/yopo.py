@@ -1,0 +1,292 @@
+"""YOPO-m-n, "You Only Propagate Once" (Zhang et al., NeurIPS 2019), and Amata+YOPO (Section 3.2).
+
+The network is split at its first layer: z = f0(x; theta_0) is ``model.layer_one`` (after
+``model.normalize`` when the model is ``Normalized``), logits = g(z; theta_rest) is
+``model.forward_from_layer_one``.  Per mini-batch (x, y), with the model in train mode throughout
+(as in the reference code, so BatchNorm uses batch statistics and Dropout is on):
+
+    x' <- x + U(-eps, eps), clipped to [0, 1]
+    U <- 0 (gradients of theta_rest),  V <- 0 (gradients of theta_0)
+    for j = 1..m:                                        m = method.steps (Amata anneals it: K)
+        one full forward/backward at x':  L = mean CE(g(f0(x')), y)
+            U <- U + grad_{theta_rest} L                 the CE gradient of the adversarial batch
+            p <- -dL/dz                                  the costate of layer one, then frozen
+        for s = 1..n:                                    n = method.inner_steps
+            H(x') = sum p * f0(x')                       through layer one only
+            x' <- clip_[0,1](clip_{x,eps}(x' - sigma * sign(dH/dx')))
+        V <- V - grad_{theta_0} H(x')                    layer one's update, through H only
+    theta_rest <- theta_rest - lr * U;  theta_0 <- theta_0 - lr * V   (lr = optim.lr / lr_divisor)
+
+Since p = -dL/dz, ``-sign(dH/dx')`` is the sign of the input gradient of the loss linearised at
+layer one's output (an ascent step), and ``-grad_{theta_0} H`` is layer one's share of the CE
+gradient with the costate frozen from the last full pass; at the x' of that pass it *is* layer
+one's CE gradient.  x' carries over from one repeat to the next (the CE of repeat j sees the
+perturbation of the inner loop j - 1) but not across mini-batches.  Under a schedule, m = K_t and
+sigma = tau / K_t (``control``): Amata+YOPO raises K and lowers sigma (``method=amata_yopo``).
+
+Choices where the reference code (a1600012888/YOPO-You-Only-Propagate-Once) deviates from the
+paper, or depends on details outside the algorithm, each a config key (see methods.md §4):
+
+- ``layer_one_ce`` (default ``none``): does layer one *also* get the CE gradient of the m full
+  passes?  The paper updates it only through the Hamiltonian (``none``).  The CIFAR code adds all
+  m CE gradients (``all``; also what the MNIST code did under PyTorch 1.0, which the Amata paper
+  ran); the MNIST code under PyTorch >= 2 drops only the first repeat's (``after_first``).
+- ``clip_start`` (default true): the paper's perturbation lives in the image domain; the
+  reference feeds the unclipped random start x + U(-eps, eps) to the first full pass.
+- ``lr_divisor`` (default m = ``method.steps``): U and V are *sums* over the m repeats, as in the
+  paper's algorithm and the code, and the code compensates with lr = base_lr / K, K fixed in its
+  config.  The optimiser therefore steps with ``optim.lr / lr_divisor`` (the learning rate is
+  scaled around the step, so weight decay and momentum act exactly as in the code); Amata keeps
+  the divisor at K_max while K_t anneals, as the Amata code's fixed config does.
+- ``layer_one_milestones`` (default null): the reference steps layer one with a second SGD of the
+  same lr, momentum and weight decay; with equal LR schedules that is the engine's optimiser, so
+  by default layer one is an ordinary parameter of it.  The MNIST code's layer-one milestones
+  [15, 19] (x0.1) are a leftover of a 20-epoch config; setting them here builds that second
+  optimiser (its state is in ``state_dict``) and layer one then ignores ``optim.lr_schedule``.
+- Not reproduced: the code's extra no-grad forward after the last repeat (monitoring only);
+  the reported training loss is that of the last full pass.  Its epoch off-by-one (N + 1 epochs)
+  is the run key ``epochs``.
+
+Pass counting.  ``ctx.counter`` counts whole-network passes so that methods compare: each repeat's
+full forward adds 1 forward per example and its full backward 1 backward per example (whether or
+not that backward continues into layer one's weights), so m of each per example and batch.  The
+layer-one-only passes cost a network-dependent fraction of a full pass (one convolution), so they
+are counted separately, cumulatively, and reported by ``metrics()`` as
+``layer_one_forward_passes`` / ``layer_one_backward_passes``: each inner step is one layer-one
+forward and one layer-one backward (input gradient), and each Hamiltonian weight gradient one more
+of each, so m * (n + 1) of each per example and batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from amata_runner.attacks.pgd import frozen_parameters
+from amata_runner.data.loader import Batch
+from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.schedules import Control
+
+LAYER_ONE_CE = ("none", "all", "after_first")
+LAYER_ONE_GAMMA = 0.1  # the reference's MultiStepLR factor for its layer-one optimiser
+
+
+@contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, divisor: float) -> Iterator[None]:
+    """Step with lr / divisor, then put back the exact lr the engine's LR schedule set."""
+    saved = [group["lr"] for group in optimizer.param_groups]
+    if divisor != 1:
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] / divisor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, saved, strict=True):
+            group["lr"] = lr
+
+
+class YOPO(Method):
+    uses_control = True
+
+    def __init__(
+        self,
+        ctx: TrainContext,
+        *,
+        eps: float,
+        inner_steps: int,
+        layer_one_ce: str = "none",
+        clip_start: bool = True,
+        lr_divisor: float = 1.0,
+        layer_one_milestones: list[int] | None = None,
+    ) -> None:
+        super().__init__(ctx)
+        if layer_one_ce not in LAYER_ONE_CE:
+            raise ValueError(f"layer_one_ce must be one of {LAYER_ONE_CE}, got {layer_one_ce!r}")
+        self.eps = eps
+        self.inner_steps = inner_steps
+        self.layer_one_ce = layer_one_ce
+        self.clip_start = clip_start
+        self.lr_divisor = lr_divisor
+        self.layer_one_milestones = list(layer_one_milestones or [])
+        model = ctx.model
+        self._layer_one: nn.Module = model.layer_one
+        self._rest: Callable[[torch.Tensor], torch.Tensor] = model.forward_from_layer_one
+        self._normalize: Callable[[torch.Tensor], torch.Tensor] | None = getattr(
+            model, "normalize", None
+        )
+        self.layer_one_forward = 0
+        self.layer_one_backward = 0
+        self._layer_one_optimizer = (
+            self._build_layer_one_optimizer() if layer_one_milestones is not None else None
+        )
+
+    # ------------------------------------------------------------------ the algorithm
+    def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
+        if control is None:
+            raise ValueError("YOPO needs a control (m, sigma) from a schedule")
+        x, y = batch.x.detach(), batch.y
+        m, sigma = control.steps, control.step_size
+        self.ctx.model.train()
+        x_adv = self._random_start(x)
+        self.ctx.optimizer.zero_grad(set_to_none=True)
+        if self._layer_one_optimizer is not None:
+            self._layer_one_optimizer.zero_grad(set_to_none=True)
+        for j in range(m):
+            logits, loss, grad_z = self._full_pass(x_adv, y, self._ce_into_layer_one(j))
+            x_adv = self._inner_loop(x, x_adv, grad_z, sigma)
+            self._hamiltonian_backward(x_adv, grad_z)
+        self._step()
+        b = x.shape[0]
+        self.ctx.counter.add(b, forward=m, backward=m)
+        self.layer_one_forward += b * m * (self.inner_steps + 1)
+        self.layer_one_backward += b * m * (self.inner_steps + 1)
+        return StepOutput(loss.float() * b, (logits.argmax(1) == y).sum())
+
+    def _f0(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer one on pixels in [0, 1] (normalising first when the model is Normalized)."""
+        return self._layer_one(x if self._normalize is None else self._normalize(x))
+
+    def _random_start(self, x: torch.Tensor) -> torch.Tensor:
+        x_adv = x + torch.empty_like(x).uniform_(-self.eps, self.eps)
+        return x_adv.clamp_(0.0, 1.0) if self.clip_start else x_adv
+
+    def _ce_into_layer_one(self, repeat: int) -> bool:
+        return self.layer_one_ce == "all" or (self.layer_one_ce == "after_first" and repeat > 0)
+
+    def _full_pass(
+        self, x_adv: torch.Tensor, y: torch.Tensor, ce_into_layer_one: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward/backward the whole net: CE gradients into theta_rest (and theta_0 if asked).
+
+        Layer one's output is cut from its graph so the same backward yields dL/dz, the costate;
+        layer one's own weight gradient is formed only when ``ce_into_layer_one``.
+        """
+        with torch.set_grad_enabled(ce_into_layer_one), self.ctx.autocast():
+            z_full = self._f0(x_adv)
+        z = z_full.detach().requires_grad_(True)
+        with self.ctx.autocast():
+            logits = self._rest(z)
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+        grad_z = z.grad
+        assert grad_z is not None
+        if ce_into_layer_one:
+            z_full.backward(grad_z)
+        return logits.detach(), loss.detach(), grad_z.detach()
+
+    def _inner_loop(
+        self, x: torch.Tensor, x_adv: torch.Tensor, grad_z: torch.Tensor, sigma: float
+    ) -> torch.Tensor:
+        """n sign steps on H through layer one only (its parameters frozen: input grads only).
+
+        The input gradient of -H = <dL/dz, f0(x')> is a vector-Jacobian product with dL/dz, the
+        ascent direction.  An unclipped start (``clip_start=false``) is clamped into [0, 1]
+        inside f0, as in the reference.
+        """
+        low, high = x - self.eps, x + self.eps
+        with frozen_parameters(self._layer_one), torch.enable_grad():
+            for _ in range(self.inner_steps):
+                x_adv.requires_grad_(True)
+                with self.ctx.autocast():
+                    z = self._f0(x_adv if self.clip_start else x_adv.clamp(0.0, 1.0))
+                (grad,) = torch.autograd.grad(z, x_adv, grad_outputs=grad_z)
+                x_adv = x_adv.detach() + sigma * grad.sign()
+                x_adv = torch.clamp(x_adv, low, high).clamp_(0.0, 1.0)
+        return x_adv.detach()
+
+    def _hamiltonian_backward(self, x_adv: torch.Tensor, grad_z: torch.Tensor) -> None:
+        """Accumulate -grad_{theta_0} H(x') = d<dL/dz, f0(x'; theta_0)>/d theta_0 into layer one."""
+        with self.ctx.autocast():
+            z = self._f0(x_adv)
+        z.backward(grad_z)
+
+    def _step(self) -> None:
+        """One optimiser step on the summed gradients, at lr / lr_divisor."""
+        optimizer, layer_one_opt = self.ctx.optimizer, self._layer_one_optimizer
+        if layer_one_opt is None:
+            with scaled_lr(optimizer, self.lr_divisor):
+                optimizer.step()
+            return
+        # Layer one has its own optimiser: hide its gradients from the engine's (SGD skips
+        # parameters without a gradient, momentum and weight decay included).
+        params = list(self._layer_one.parameters())
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        with scaled_lr(optimizer, self.lr_divisor):
+            optimizer.step()
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        with scaled_lr(layer_one_opt, self.lr_divisor):
+            layer_one_opt.step()
+
+    # ------------------------------------------------------------------ the reference's layer one
+    def _build_layer_one_optimizer(self) -> torch.optim.SGD:
+        """SGD over layer one with the engine optimiser's hyper-parameters (the reference's)."""
+        group = self.ctx.optimizer.param_groups[0]
+        self._layer_one_base_lr = float(group["lr"])
+        return torch.optim.SGD(
+            self._layer_one.parameters(),
+            lr=self._layer_one_base_lr,
+            momentum=group.get("momentum", 0.0),
+            weight_decay=group.get("weight_decay", 0.0),
+            nesterov=group.get("nesterov", False),
+        )
+
+    def start_epoch(self, epoch: int, control: Control | None) -> None:
+        """Layer one's own MultiStep LR, a pure function of the epoch (so resume needs no state)."""
+        del control
+        if self._layer_one_optimizer is None:
+            return
+        decays = bisect.bisect_right(self.layer_one_milestones, epoch)
+        for group in self._layer_one_optimizer.param_groups:
+            group["lr"] = self._layer_one_base_lr * LAYER_ONE_GAMMA**decays
+
+    # ------------------------------------------------------------------ bookkeeping
+    def knobs(self, control: Control | None) -> dict[str, float | int]:
+        """K = m (the repeats Amata anneals), n inner steps, sigma the inner step."""
+        if control is None:
+            return {}
+        return {"K": control.steps, "n": self.inner_steps, "sigma": control.step_size}
+
+    def metrics(self) -> dict[str, float]:
+        """Layer-one-only passes so far, per example (cumulative, like ``forward_passes``)."""
+        return {
+            "layer_one_forward_passes": self.layer_one_forward,
+            "layer_one_backward_passes": self.layer_one_backward,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "layer_one_forward_passes": self.layer_one_forward,
+            "layer_one_backward_passes": self.layer_one_backward,
+        }
+        if self._layer_one_optimizer is not None:
+            state["layer_one_optimizer"] = self._layer_one_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.layer_one_forward = int(state.get("layer_one_forward_passes", 0))
+        self.layer_one_backward = int(state.get("layer_one_backward_passes", 0))
+        if self._layer_one_optimizer is not None and "layer_one_optimizer" in state:
+            self._layer_one_optimizer.load_state_dict(state["layer_one_optimizer"])
+
+
+def build(cfg: DictConfig, ctx: TrainContext) -> YOPO:
+    milestones = cfg.get("layer_one_milestones")
+    return YOPO(
+        ctx,
+        eps=float(cfg.eps),
+        inner_steps=int(cfg.inner_steps),
+        layer_one_ce=str(cfg.layer_one_ce),
+        clip_start=bool(cfg.clip_start),
+        lr_divisor=float(cfg.lr_divisor),
+        layer_one_milestones=None if milestones is None else [int(m) for m in milestones],
+    )
