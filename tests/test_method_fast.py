@@ -191,8 +191,13 @@ def test_fast_config_derives_alpha_1_25_eps() -> None:
 
 @pytest.mark.parametrize("name", ["fast", "amata_fast"])
 def test_fast_configs_select_the_cyclic_lr(name: str) -> None:
-    cfg = compose_resolved([f"method={name}"])
-    assert (cfg.optim.lr_schedule, cfg.optim.lr, cfg.optim.cycle_momentum) == ("cyclic", 0.2, True)
+    cifar = compose_resolved([f"method={name}", "dataset=cifar10"])
+    assert (cifar.optim.lr_schedule, cifar.optim.lr, cifar.optim.cycle_momentum) == (
+        "cyclic",
+        0.2,  # the reference's CIFAR10 peak
+        True,
+    )
+    assert compose_resolved([f"method={name}"]).optim.lr == 0.05  # digits: 0.2 collapses
     assert compose_resolved([f"method={name}", "optim.lr=0.1"]).optim.lr == 0.1
 
 

@@ -69,6 +69,7 @@ class RecipeConfig:
     lr: float = 0.1
     lr_milestones: list[int] = field(default_factory=list)
     target_robust_errors: list[float] = field(default_factory=list)
+    cyclic_lr: float = 0.2  # peak of the cyclic (Fast) LR schedule
 
 
 @dataclass

@@ -38,6 +38,8 @@ paper, or depends on details outside the algorithm, each a config key (see metho
   config.  The optimiser therefore steps with ``optim.lr / lr_divisor`` (the learning rate is
   scaled around the step, so weight decay and momentum act exactly as in the code); Amata keeps
   the divisor at K_max while K_t anneals, as the Amata code's fixed config does.
+  The reference's base LRs differ from the PGD recipes in both directions (MNIST 0.01 vs 0.1,
+  after a collapse at 0.1; CIFAR10 0.2 vs 0.05), so no rule derives them: set ``optim.lr``.
 - ``layer_one_milestones`` (default null): the reference steps layer one with a second SGD of the
   same lr, momentum and weight decay; with equal LR schedules that is the engine's optimiser, so
   by default layer one is an ordinary parameter of it.  The MNIST code's layer-one milestones
