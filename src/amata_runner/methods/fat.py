@@ -56,6 +56,7 @@ from amata_runner.attacks.early_stop import early_stopped_pgd, uniform_start
 from amata_runner.attacks.pgd import attack_mode
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.running import RunningMeans
 from amata_runner.schedules import Control
 
 REFERENCE_MILESTONES = (50, 90)
@@ -127,9 +128,7 @@ class FAT(Method):
         self.tau_milestones = tuple(tau_milestones)
         self.attack_bn = attack_bn
         self.tau = self._tau(0)
-        self._steps_sum = torch.zeros((), dtype=torch.long, device=ctx.device)
-        self._stopped = torch.zeros((), dtype=torch.long, device=ctx.device)
-        self._seen = 0
+        self._means = RunningMeans(ctx.device, "mean_steps", "stopped_fraction")
 
     def _tau(self, epoch: int) -> int:
         return tau_at(
@@ -164,38 +163,23 @@ class FAT(Method):
                 noise=self.omega,
                 counter=self.ctx.counter,
             )
-        self._steps_sum += result.steps.sum()
-        self._stopped += (~result.active).sum()
-        self._seen += x.shape[0]
+        self._means.add(
+            x.shape[0], mean_steps=result.steps.sum(), stopped_fraction=(~result.active).sum()
+        )
         return self.update(result.x_adv, y)
 
     # ------------------------------------------------------------------ measurements
     def metrics(self) -> dict[str, Any]:
         """Means since the last call (one host sync, at evaluation points only)."""
-        seen = self._seen
-        values: dict[str, Any] = {
-            "mean_steps": self._steps_sum.item() / seen if seen else None,
-            "stopped_fraction": self._stopped.item() / seen if seen else None,
-        }
-        self._steps_sum.zero_()
-        self._stopped.zero_()
-        self._seen = 0
-        return values
+        return self._means.read()
 
     def state_dict(self) -> dict[str, Any]:
         """The measurements not yet logged, so a resumed run's next row matches."""
-        return {
-            "steps_sum": self._steps_sum.detach().cpu(),
-            "stopped": self._stopped.detach().cpu(),
-            "seen": self._seen,
-        }
+        return {"means": self._means.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        self._steps_sum.copy_(state["steps_sum"])
-        self._stopped.copy_(state["stopped"])
-        self._seen = int(state["seen"])
+        if state:
+            self._means.load_state_dict(state["means"])
 
 
 def build(cfg: DictConfig, ctx: TrainContext) -> FAT:

@@ -62,6 +62,7 @@ from amata_runner.attacks.early_stop import early_stopped_pgd, uniform_start
 from amata_runner.attacks.pgd import attack_mode
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.running import RunningMeans
 from amata_runner.schedules import Control
 
 
@@ -133,10 +134,7 @@ class FOSC(Method):
         self.attack_bn = attack_bn
         self.c = criterion_at(0, c_max, dynamic_epochs)
         self.weighted = False  # the reference weights the loss from its second epoch on
-        self._fosc_sum = torch.zeros((), device=ctx.device)
-        self._steps_sum = torch.zeros((), dtype=torch.long, device=ctx.device)
-        self._stopped = torch.zeros((), dtype=torch.long, device=ctx.device)
-        self._seen = 0
+        self._means = RunningMeans(ctx.device, "mean_fosc", "mean_steps", "stopped_fraction")
 
     # ------------------------------------------------------------------ schedule
     def start_epoch(self, epoch: int, control: Control | None) -> None:
@@ -168,10 +166,12 @@ class FOSC(Method):
                 final_check=self.final_fosc,
                 counter=self.ctx.counter,
             )
-        self._fosc_sum += rule.value.sum()
-        self._steps_sum += result.steps.sum()
-        self._stopped += (~result.active).sum()
-        self._seen += x.shape[0]
+        self._means.add(
+            x.shape[0],
+            mean_fosc=rule.value.sum(),
+            mean_steps=result.steps.sum(),
+            stopped_fraction=(~result.active).sum(),
+        )
         if not self.weighted:
             return self.update(result.x_adv, y)
         weights = result.loss if self.final_fosc else self._attack_losses(result.x_adv, y)
@@ -203,34 +203,15 @@ class FOSC(Method):
     # ------------------------------------------------------------------ measurements
     def metrics(self) -> dict[str, Any]:
         """Means since the last call (one host sync, at evaluation points only)."""
-        seen = self._seen
-        values: dict[str, Any] = {
-            "mean_fosc": self._fosc_sum.item() / seen if seen else None,
-            "mean_steps": self._steps_sum.item() / seen if seen else None,
-            "stopped_fraction": self._stopped.item() / seen if seen else None,
-        }
-        self._fosc_sum.zero_()
-        self._steps_sum.zero_()
-        self._stopped.zero_()
-        self._seen = 0
-        return values
+        return self._means.read()
 
     def state_dict(self) -> dict[str, Any]:
         """The measurements not yet logged, so a resumed run's next row matches."""
-        return {
-            "fosc_sum": self._fosc_sum.detach().cpu(),
-            "steps_sum": self._steps_sum.detach().cpu(),
-            "stopped": self._stopped.detach().cpu(),
-            "seen": self._seen,
-        }
+        return {"means": self._means.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        self._fosc_sum.copy_(state["fosc_sum"])
-        self._steps_sum.copy_(state["steps_sum"])
-        self._stopped.copy_(state["stopped"])
-        self._seen = int(state["seen"])
+        if state:
+            self._means.load_state_dict(state["means"])
 
 
 def build(cfg: DictConfig, ctx: TrainContext) -> FOSC:
