@@ -188,3 +188,45 @@ def test_quickstart_learns_a_robust_model(tmp_path: Path) -> None:
     assert summary["epochs"] == 15 and summary["method"] == "amata"
     assert summary["final"]["clean_accuracy"] > 0.7
     assert summary["final"]["robust_accuracy"]["pgd20"] > 0.25  # chance is 0.1
+
+
+ALL_METHODS = (
+    "erm,pgd,amata,fosc,fat,yopo,amata_yopo,free,amata_free,fast,amata_fast,atta,amata_atta"
+)
+
+
+@pytest.mark.slow
+def test_every_method_trains_cifar10_shaped_preactresnet18(tmp_path: Path) -> None:
+    """All thirteen method configs on CIFAR10-shaped data with the paper's CIFAR network."""
+    sweep = tmp_path / "sweep"
+    tiny = ["dataset.num_train=64", "dataset.num_test=32", "batch_size=32", "epochs=2"]
+    result = amata_run(
+        [
+            "-m",
+            f"method={ALL_METHODS}",
+            "dataset=synthetic",
+            "dataset.channels=3",
+            "dataset.image_size=32",
+            "dataset.augment=crop_flip",
+            "dataset.threat.eps=8/255",
+            "dataset.threat.step_size=2/255",
+            "dataset.threat.steps=3",
+            "model=preactresnet18",
+            *tiny,
+            "eval.subset=32",
+            "eval.attack.steps=2",
+            "eval.final_attack.steps=2",
+            "schedule.switch=1",
+            "progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    methods = set()
+    for job in range(13):
+        summary = json.loads((sweep / str(job) / "summary.json").read_text())
+        assert summary["forward_passes"] > 0 and summary["train_seconds"] > 0
+        methods.add(summary["method"])
+    assert methods == set(ALL_METHODS.split(","))
