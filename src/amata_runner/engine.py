@@ -334,13 +334,12 @@ class Trainer:
                 sink.close()
 
     def _train(self, metrics: MetricsFile, sinks: list[MetricsSink], bar: ProgressBar) -> None:
+        if self.progress.stopped_early:  # a resumed run that its method had already ended
+            return
         cfg = self.cfg
         every, by_iteration = cfg.eval.every, cfg.eval.unit == "iteration"
         per_iteration_control = self.schedule is not None and self.schedule.per_iteration
         last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
-
-        if self.progress.stopped_early:
-            return
         for epoch in range(self.progress.epoch, self.epochs):
             control = self.control(epoch)
             self.clock.start()
