@@ -47,16 +47,14 @@ reference always has.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from omegaconf import DictConfig
 
 from amata_runner.attacks.early_stop import early_stopped_pgd, uniform_start
 from amata_runner.attacks.pgd import attack_mode
 from amata_runner.data.loader import Batch
-from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.methods.running import RunningMeans
+from amata_runner.methods.base import StepOutput, TrainContext
+from amata_runner.methods.running import MeasuredMethod, RunningMeans
 from amata_runner.schedules import Control
 
 REFERENCE_MILESTONES = (50, 90)
@@ -102,7 +100,7 @@ class FATRule:
         return ~stop
 
 
-class FAT(Method):
+class FAT(MeasuredMethod):
     uses_control = False
 
     def __init__(
@@ -128,7 +126,7 @@ class FAT(Method):
         self.tau_milestones = tuple(tau_milestones)
         self.attack_bn = attack_bn
         self.tau = self._tau(0)
-        self._means = RunningMeans(ctx.device, "mean_steps", "stopped_fraction")
+        self.means = RunningMeans(ctx.device, "mean_steps", "stopped_fraction")
 
     def _tau(self, epoch: int) -> int:
         return tau_at(
@@ -163,23 +161,10 @@ class FAT(Method):
                 noise=self.omega,
                 counter=self.ctx.counter,
             )
-        self._means.add(
+        self.means.add(
             x.shape[0], mean_steps=result.steps.sum(), stopped_fraction=(~result.active).sum()
         )
         return self.update(result.x_adv, y)
-
-    # ------------------------------------------------------------------ measurements
-    def metrics(self) -> dict[str, Any]:
-        """Means since the last call (one host sync, at evaluation points only)."""
-        return self._means.read()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The measurements not yet logged, so a resumed run's next row matches."""
-        return {"means": self._means.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self._means.load_state_dict(state["means"])
 
 
 def build(cfg: DictConfig, ctx: TrainContext) -> FAT:

@@ -52,8 +52,6 @@ Quirks of the reference code (YisenWang/dynamic_adv_training), each a flag:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -61,8 +59,8 @@ from omegaconf import DictConfig
 from amata_runner.attacks.early_stop import early_stopped_pgd, uniform_start
 from amata_runner.attacks.pgd import attack_mode
 from amata_runner.data.loader import Batch
-from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.methods.running import RunningMeans
+from amata_runner.methods.base import StepOutput, TrainContext
+from amata_runner.methods.running import MeasuredMethod, RunningMeans
 from amata_runner.schedules import Control
 
 
@@ -104,7 +102,7 @@ class FOSCRule:
         return self.value > self.c
 
 
-class FOSC(Method):
+class FOSC(MeasuredMethod):
     uses_control = False
 
     def __init__(
@@ -134,7 +132,7 @@ class FOSC(Method):
         self.attack_bn = attack_bn
         self.c = criterion_at(0, c_max, dynamic_epochs)
         self.weighted = False  # the reference weights the loss from its second epoch on
-        self._means = RunningMeans(ctx.device, "mean_fosc", "mean_steps", "stopped_fraction")
+        self.means = RunningMeans(ctx.device, "mean_fosc", "mean_steps", "stopped_fraction")
 
     # ------------------------------------------------------------------ schedule
     def start_epoch(self, epoch: int, control: Control | None) -> None:
@@ -166,7 +164,7 @@ class FOSC(Method):
                 final_check=self.final_fosc,
                 counter=self.ctx.counter,
             )
-        self._means.add(
+        self.means.add(
             x.shape[0],
             mean_fosc=rule.value.sum(),
             mean_steps=result.steps.sum(),
@@ -199,19 +197,6 @@ class FOSC(Method):
         optimizer.step()
         self.ctx.counter.add(x.shape[0])
         return StepOutput(losses.detach().sum(), (logits.argmax(1) == y).sum())
-
-    # ------------------------------------------------------------------ measurements
-    def metrics(self) -> dict[str, Any]:
-        """Means since the last call (one host sync, at evaluation points only)."""
-        return self._means.read()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The measurements not yet logged, so a resumed run's next row matches."""
-        return {"means": self._means.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self._means.load_state_dict(state["means"])
 
 
 def build(cfg: DictConfig, ctx: TrainContext) -> FOSC:

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from amata_runner.methods.base import Method
+
 
 class RunningMeans:
     def __init__(self, device: torch.device, *names: str) -> None:
@@ -40,3 +42,21 @@ class RunningMeans:
         for name, value in state["sums"].items():
             self._sums[name].copy_(value)
         self._seen = int(state["seen"])
+
+
+class MeasuredMethod(Method):
+    """A method whose metrics rows report ``self.means`` (set up in the subclass's __init__)."""
+
+    means: RunningMeans
+
+    def metrics(self) -> dict[str, Any]:
+        """Means since the last call (one host sync, at evaluation points only)."""
+        return self.means.read()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The measurements not yet logged, so a resumed run's next row matches."""
+        return {"means": self.means.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.means.load_state_dict(state["means"])
