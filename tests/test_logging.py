@@ -45,3 +45,19 @@ def test_metrics_file_truncates_to_the_checkpoint_and_survives_a_torn_line(tmp_p
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert [(r["iteration"], r["robust_error"]) for r in rows] == [(5, 0.5), (10, 0.5), (15, 0.4)]
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "iteration,robust_error"
+
+
+def test_each_job_of_a_process_gets_its_own_wandb_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multirun executes jobs in one process: each must open and finish a W&B run of its own."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for job in ("0", "1"):
+        cfg = compose_resolved([*FAST, "epochs=1", "logger=wandb", f"seed={job}"])
+        (tmp_path / job).mkdir()
+        Trainer(cfg, tmp_path / job).run()
+        ids.append(torch.load(tmp_path / job / "last.ckpt", weights_only=True)["wandb_id"])
+        assert len(list((tmp_path / job / "wandb").glob("offline-run-*"))) == 1
+    assert ids[0] != ids[1]
