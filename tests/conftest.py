@@ -6,14 +6,18 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from amata_runner.cli import config_dir
 from amata_runner.config import register_schemas, resolve_config
+from amata_runner.methods.base import TrainContext
+from amata_runner.passes import PassCounter
 
 register_schemas()
 
@@ -64,4 +68,31 @@ def amata_run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Co
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def cpu_context(
+    model: torch.nn.Module,
+    *,
+    lr: float = 0.1,
+    optimizer: torch.optim.Optimizer | None = None,
+    counter: PassCounter | None = None,
+    num_train: int = 64,
+    image_shape: tuple[int, int, int] = (1, 4, 4),
+    num_classes: int = 2,
+    iters_per_epoch: int = 1,
+    epochs: int = 1,
+) -> TrainContext:
+    """A fp32 CPU TrainContext around a toy model, for the method unit tests."""
+    return TrainContext(
+        model=model,
+        optimizer=optimizer or torch.optim.SGD(model.parameters(), lr=lr),
+        counter=counter or PassCounter(),
+        autocast=nullcontext,
+        device=torch.device("cpu"),
+        num_train=num_train,
+        image_shape=image_shape,
+        num_classes=num_classes,
+        iters_per_epoch=iters_per_epoch,
+        epochs=epochs,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,9 @@ from amata_runner.data import Batch, DeviceLoader, ImageSet
 from amata_runner.engine import Trainer, build_schedule
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
-from amata_runner.methods import TrainContext, atta
+from amata_runner.methods import atta
 from amata_runner.methods.atta import ATTA, project
-from amata_runner.passes import PassCounter
-from conftest import FAST, compose_resolved
+from conftest import FAST, compose_resolved, cpu_context
 
 SHAPE = (3, 8, 8)
 N = 40
@@ -40,17 +38,8 @@ def make_loader(augment: str, seed: int = 0) -> DeviceLoader:
 def make_method(seed: int = 0, **kwargs: Any) -> ATTA:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(SHAPE[0] * SHAPE[1] * SHAPE[2], 10))
-    ctx = TrainContext(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-        counter=PassCounter(),
-        autocast=nullcontext,
-        device=torch.device("cpu"),
-        num_train=N,
-        image_shape=SHAPE,
-        num_classes=10,
-        iters_per_epoch=3,
-        epochs=10,
+    ctx = cpu_context(
+        model, lr=0.5, num_train=N, image_shape=SHAPE, num_classes=10, iters_per_epoch=3, epochs=10
     )
     args: dict[str, Any] = {"eps": EPS, "steps": 2, "step_size": 0.04, "reset": 100, **kwargs}
     return ATTA(ctx, **args)

@@ -4,7 +4,6 @@ early stop on catastrophic overfitting, the cyclic LR config, and end-to-end run
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.fast import Fast, fgsm_delta
-from amata_runner.passes import PassCounter
 from amata_runner.schedules import Control
-from conftest import FAST, compose_resolved
+from conftest import FAST, compose_resolved, cpu_context
 
 N_DIGITS = 1438  # digits training examples; batch 128 -> 12 iterations per epoch
 EPS = 0.1
@@ -38,18 +36,7 @@ def signed_linear(signs: torch.Tensor = SIGNS) -> nn.Module:
 
 
 def context(model: nn.Module, lr: float = 0.0) -> TrainContext:
-    return TrainContext(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        counter=PassCounter(),
-        autocast=nullcontext,
-        device=torch.device("cpu"),
-        num_train=256,
-        image_shape=(1, 4, 4),
-        num_classes=2,
-        iters_per_epoch=4,
-        epochs=4,
-    )
+    return cpu_context(model, lr=lr, num_train=256, iters_per_epoch=4, epochs=4)
 
 
 def robust_linear() -> nn.Module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -19,25 +18,14 @@ from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.fat import FAT, FATRule, tau_at
 from amata_runner.passes import PassCounter
-from conftest import FAST, compose_resolved
+from conftest import FAST, compose_resolved, cpu_context
 
 ALPHA = 0.01
 THRESHOLD = 2.0
 
 
 def make_ctx(model: nn.Module, counter: PassCounter | None = None) -> TrainContext:
-    return TrainContext(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        counter=counter or PassCounter(),
-        autocast=nullcontext,
-        device=torch.device("cpu"),
-        num_train=64,
-        image_shape=(1, 2, 2),
-        num_classes=2,
-        iters_per_epoch=1,
-        epochs=1,
-    )
+    return cpu_context(model, counter=counter, image_shape=(1, 2, 2))
 
 
 def threshold_model() -> nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from amata_runner.methods import build_method
 from amata_runner.methods.base import StepOutput, TrainContext
 from amata_runner.methods.fosc import FOSC, FOSCRule, criterion_at, fosc_linf
 from amata_runner.passes import PassCounter
-from conftest import FAST, compose_resolved
+from conftest import FAST, compose_resolved, cpu_context
 
 
 def linear_model(features: int, seed: int = 0) -> nn.Module:
@@ -38,18 +37,7 @@ def small_net(seed: int = 0) -> nn.Module:
 
 
 def make_ctx(model: nn.Module, counter: PassCounter | None = None) -> TrainContext:
-    return TrainContext(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        counter=counter or PassCounter(),
-        autocast=nullcontext,
-        device=torch.device("cpu"),
-        num_train=64,
-        image_shape=(1, 8, 8),
-        num_classes=3,
-        iters_per_epoch=1,
-        epochs=1,
-    )
+    return cpu_context(model, counter=counter, image_shape=(1, 8, 8), num_classes=3)
 
 
 class Recorder(nn.Module):

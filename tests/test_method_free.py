@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.free import Free
-from amata_runner.passes import PassCounter
 from amata_runner.schedules import Control
-from conftest import FAST, compose_resolved
+from conftest import FAST, compose_resolved, cpu_context
 
 N_DIGITS = 1438  # digits training examples; batch 128 -> 12 iterations per epoch
 EPS = 0.1
@@ -35,18 +33,7 @@ def signed_linear(pixels: int = 16) -> nn.Module:
 
 
 def context(model: nn.Module, lr: float = 0.0) -> TrainContext:
-    return TrainContext(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        counter=PassCounter(),
-        autocast=nullcontext,
-        device=torch.device("cpu"),
-        num_train=64,
-        image_shape=(1, 4, 4),
-        num_classes=2,
-        iters_per_epoch=4,
-        epochs=4,
-    )
+    return cpu_context(model, lr=lr, iters_per_epoch=4, epochs=4)
 
 
 def batch(b: int, seed: int) -> Batch:

@@ -3,7 +3,6 @@ the annealed (K, sigma), and short end-to-end runs (digits with LeNet/SmallCNN, 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 from pathlib import Path
@@ -22,9 +21,8 @@ from amata_runner.logging.metrics import read_rows
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.yopo import YOPO
 from amata_runner.models import build_model
-from amata_runner.passes import PassCounter
 from amata_runner.schedules import Control
-from conftest import FAST, amata_run, compose_resolved
+from conftest import FAST, amata_run, compose_resolved, cpu_context
 
 # --------------------------------------------------------------------------- helpers
 
@@ -45,18 +43,7 @@ class TinySplit(nn.Module):
 
 
 def context(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainContext:
-    return TrainContext(
-        model=model,
-        optimizer=optimizer or torch.optim.SGD(model.parameters(), lr=0.1),
-        counter=PassCounter(),
-        autocast=contextlib.nullcontext,
-        device=torch.device("cpu"),
-        num_train=64,
-        image_shape=(1, 2, 2),
-        num_classes=3,
-        iters_per_epoch=1,
-        epochs=1,
-    )
+    return cpu_context(model, optimizer=optimizer, image_shape=(1, 2, 2), num_classes=3)
 
 
 def batch_of(x: torch.Tensor, y: torch.Tensor) -> Batch:
