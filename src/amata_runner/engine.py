@@ -40,8 +40,8 @@ from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
 from amata_runner.logging import MetricsFile, MetricsSink, ProgressBar, build_sinks
 from amata_runner.logging.metrics import write_json_atomic
 from amata_runner.methods import Method, TrainContext, build_method
-from amata_runner.models import build_model
 from amata_runner.passes import PassCounter
+from amata_runner.run_files import build_model_for
 from amata_runner.schedules import Control, Schedule
 
 log = logging.getLogger(__name__)
@@ -176,16 +176,7 @@ class Trainer:
         )
 
         ds = cfg.dataset
-        self.model = build_model(
-            cfg.model.name,
-            num_classes=ds.num_classes,
-            channels=ds.channels,
-            image_size=ds.image_size,
-            mean=list(ds.mean) if cfg.model.normalize and ds.mean is not None else None,
-            std=list(ds.std) if cfg.model.normalize and ds.std is not None else None,
-        ).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_model_for(cfg, self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.optim.lr,
