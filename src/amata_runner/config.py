@@ -45,6 +45,7 @@ SCHEDULES = ("constant", "linear", "exponential", "step")
 LR_SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
 LOGGERS = ("jsonl", "wandb")
 PRECISIONS = ("auto", "fp32", "bf16")
+NONFINITE_MODES = ("stop", "skip")
 AUGMENTS = ("none", "crop_flip")
 ATTACK_BN_MODES = ("eval", "train")
 UNITS = ("epoch", "iteration")
@@ -221,6 +222,7 @@ class RunConfig:
     resume: bool = False
     progress: bool | None = None
     save_best: bool = True
+    nonfinite: str = "stop"  # a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step
 
 
 def register_schemas() -> None:
@@ -283,6 +285,7 @@ def _check_run(cfg: DictConfig) -> None:
     at_least(cfg, "epochs", 1)
     at_least(cfg, "batch_size", 1)
     one_of(cfg, "precision", PRECISIONS)
+    one_of(cfg, "nonfinite", NONFINITE_MODES)
     device = str(cfg.device)
     require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None,

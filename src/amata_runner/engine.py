@@ -7,7 +7,11 @@ schedule anneals (``Schedule.at``); it owns time, bookkeeping and files:
   with it paused, so ``train_seconds`` is the x axis of every error-versus-time curve;
 - device values (loss, accuracy) are summed on the device and read once per evaluation point;
 - each evaluation point appends one metrics row at once; each epoch ends with an atomic ``last``
-  checkpoint holding everything needed to continue bit-for-bit (``resume=true``).
+  checkpoint holding everything needed to continue bit-for-bit (``resume=true``), the one before it
+  kept as ``last.prev``;
+- a stop signal (``interrupts``) ends the current step, then writes a mid-epoch checkpoint that
+  resumes at the next batch; a NaN/Inf loss (``nonfinite``) stops before anything poisoned is
+  written.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from amata_runner.checkpoint import (
     BEST,
     LAST,
     copy_atomic,
-    load_checkpoint,
+    load_latest,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -37,9 +41,11 @@ from amata_runner.clock import TrainClock
 from amata_runner.data import DeviceLoader, load_splits
 from amata_runner.errors import ConfigError
 from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
+from amata_runner.interrupts import Preempted, StopRequests
 from amata_runner.logging import MetricsFile, MetricsSink, ProgressBar, build_sinks
 from amata_runner.logging.metrics import write_json_atomic
 from amata_runner.methods import Method, TrainContext, build_method
+from amata_runner.nonfinite import GuardedSGD, NonFiniteLoss
 from amata_runner.passes import PassCounter
 from amata_runner.run_files import build_model_for
 from amata_runner.schedules import Control, Schedule
@@ -48,7 +54,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 # Settings that may differ between a run and its resumption without changing what is computed.
-RESUME_FREE_KEYS = ("resume", "progress", "logger", "paths", "device")
+RESUME_FREE_KEYS = ("resume", "progress", "logger", "paths", "device", "nonfinite")
 
 
 def select_device(name: str) -> torch.device:
@@ -127,11 +133,13 @@ class Progress:
     """Where the run is; saved in every checkpoint."""
 
     epoch: int = 0  # completed epochs
+    batch: int = 0  # completed batches of the current epoch (> 0 only in a mid-epoch checkpoint)
     iteration: int = 0  # completed training iterations
     examples: int = 0  # training examples drawn
     best_robust_accuracy: float = -1.0
     best_epoch: int = -1
     stopped_early: bool = False  # the method ended training (Fast's early stop)
+    skipped_steps: int = 0  # optimiser steps refused for non-finite gradients (nonfinite=skip)
 
 
 _TARGET_FIELDS = ("train_seconds", "epoch", "iteration", "forward_passes", "backward_passes")
@@ -177,8 +185,10 @@ class Trainer:
 
         ds = cfg.dataset
         self.model = build_model_for(cfg, self.device)
-        self.optimizer = torch.optim.SGD(
+        self.skip_nonfinite = cfg.nonfinite == "skip"
+        self.optimizer = GuardedSGD(
             self.model.parameters(),
+            skip_nonfinite=self.skip_nonfinite,
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
@@ -214,6 +224,8 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._correct = torch.zeros((), dtype=torch.long, device=self.device)
         self._seen = 0
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.stop = StopRequests()
         self.wandb_id: str | None = None
         self.eval_attack = AttackSpec(**_attack_args(cfg.eval.attack))
         self.final_attack = AttackSpec(**_attack_args(cfg.eval.final_attack))
@@ -249,7 +261,7 @@ class Trainer:
         }
 
     def _restore(self) -> bool:
-        """Load ``last.ckpt`` when resuming; refuse to overwrite an existing run otherwise."""
+        """Load the newest good checkpoint when resuming; refuse to overwrite a run otherwise."""
         path = self.run_dir / LAST
         if not self.cfg.resume:
             if path.exists():
@@ -260,10 +272,11 @@ class Trainer:
                     "or choose a fresh hydra.run.dir",
                 )
             return False
-        if not path.exists():
+        latest = load_latest(self.run_dir, map_location=self.device)
+        if latest is None:
             log.warning("resume=true but %s has no %s: starting from scratch", self.run_dir, LAST)
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        state, path = latest
         _check_same_run(state.get("config", {}), OmegaConf.to_container(self.cfg, resolve=True))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -272,6 +285,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
+        self.optimizer.skipped = self.progress.skipped_steps
         self.clock = TrainClock(self.device, elapsed=float(state["train_seconds"]))
         self.counter.load_state_dict(state["passes"])
         pending = state["since_last_row"]
@@ -279,7 +293,13 @@ class Trainer:
         self._correct.fill_(pending["correct"])
         self._seen = int(pending["seen"])
         self.wandb_id = state.get("wandb_id")
-        log.info("resumed %s at epoch %d", self.run_dir, self.progress.epoch)
+        log.info(
+            "resumed %s from %s at epoch %d, batch %d",
+            self.run_dir,
+            path.name,
+            self.progress.epoch,
+            self.progress.batch,
+        )
         return True
 
     def _evaluate(
@@ -311,7 +331,8 @@ class Trainer:
             desc=str(self.cfg.name),
         )
         try:
-            self._train(metrics, sinks, bar)
+            with self.stop:
+                self._train(metrics, sinks, bar)
             summary = self._summarise(metrics.rows)
             write_json_atomic(self.run_dir / "summary.json", summary)
             for sink in sinks:
@@ -333,19 +354,25 @@ class Trainer:
         last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
         for epoch in range(self.progress.epoch, self.epochs):
             control = self.control(epoch)
+            first = self.progress.batch  # > 0: resuming inside this epoch
             self.clock.start()
-            self.method.start_epoch(epoch, control)
-            for i, batch in enumerate(self.loader):
+            if first:
+                self.method.resume_epoch(epoch, control)
+            else:
+                self.method.start_epoch(epoch, control)
+            last_batch = len(self.loader) - 1
+            for i, batch in enumerate(self.loader, start=first):
                 if per_iteration_control:
                     control = self.control(epoch, i)
                 out = self.method.train_batch(batch, control)
                 if self.lr_per_iteration:
                     self.lr_scheduler.step()
                 n = batch.x.shape[0]
-                self._loss_sum += out.loss_sum
+                self._add_loss(out.loss_sum)
                 self._correct += out.correct
                 self._seen += n
                 self.progress.iteration += 1
+                self.progress.batch = i + 1
                 self.progress.examples += n
                 bar.update()
                 if by_iteration and self.progress.iteration % every == 0:
@@ -353,9 +380,14 @@ class Trainer:
                         epoch_float = epoch + (i + 1) / len(self.loader)
                         self._emit(self._row(epoch_float, control), metrics, sinks, bar)
                         last_row_iteration = self.progress.iteration
+                if self.stop.requested and i < last_batch:
+                    self.clock.stop()
+                    self._save_checkpoint(metrics)
+                    raise Preempted(self.stop.signum or 0)
             stopping = self.method.stop_requested()  # its check is training work: on the clock
             self.clock.stop()
             self.progress.epoch = epoch + 1
+            self.progress.batch = 0
             self.progress.stopped_early = stopping
             if stopping:
                 log.info("%s asked to stop after epoch %d", cfg.method.name, epoch + 1)
@@ -369,9 +401,30 @@ class Trainer:
             self._save_checkpoint(metrics)
             if stopping:
                 break
+            if self.stop.requested and not last_epoch:
+                raise Preempted(self.stop.signum or 0)
+
+    def _add_loss(self, loss_sum: torch.Tensor) -> None:
+        """Sum the batch loss on the device; remember (without a sync) whether it was finite."""
+        finite = torch.isfinite(loss_sum)
+        if self.skip_nonfinite:  # the step was refused; keep the running loss readable
+            loss_sum = torch.where(finite, loss_sum, torch.zeros_like(loss_sum))
+        else:
+            self._finite &= finite
+        self._loss_sum += loss_sum
+
+    def _check_finite(self) -> None:
+        """Stop (nonfinite=stop) before a poisoned model is evaluated or saved: one host sync."""
+        if not self.skip_nonfinite and not bool(self._finite.item()):
+            raise NonFiniteLoss(
+                f"the training loss became NaN or Inf before iteration {self.progress.iteration} "
+                f"(epoch {self.progress.epoch + 1}); the last good checkpoint in {self.run_dir} "
+                "was kept: resume from it with a smaller optim.lr, or set nonfinite=skip"
+            )
 
     def _row(self, epoch: float, control: Control | None) -> dict[str, Any]:
         """Evaluate and build one metrics row; resets the since-last-row training sums."""
+        self._check_finite()
         seen = self._seen
         train_loss = self._loss_sum.item() / seen if seen else None
         train_error = 1.0 - self._correct.item() / seen if seen else None
@@ -396,6 +449,8 @@ class Trainer:
             "eval_attack": self.eval_attack.name,
             **self.method.metrics(),
         }
+        if self.skip_nonfinite:
+            row["skipped_steps"] = self.optimizer.skipped
         if result.robust_accuracy > self.progress.best_robust_accuracy:
             self.progress.best_robust_accuracy = result.robust_accuracy
             self.progress.best_epoch = int(np.ceil(epoch))
@@ -412,7 +467,9 @@ class Trainer:
         bar.show({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in shown.items()})
 
     def _save_checkpoint(self, metrics: MetricsFile) -> None:
-        save_atomic(self._checkpoint_state(), self.run_dir / LAST)
+        self._check_finite()
+        self.progress.skipped_steps = self.optimizer.skipped
+        save_atomic(self._checkpoint_state(), self.run_dir / LAST, keep_previous=True)
         if self.cfg.save_best and self._best_pending:
             copy_atomic(self.run_dir / LAST, self.run_dir / BEST)
             self._best_pending = False
@@ -436,6 +493,7 @@ class Trainer:
             "train_seconds": self.clock.seconds,
             "forward_passes": self.counter.forward,
             "backward_passes": self.counter.backward,
+            "skipped_steps": self.optimizer.skipped,
             "best": {
                 "robust_accuracy": self.progress.best_robust_accuracy,
                 "epoch": self.progress.best_epoch,

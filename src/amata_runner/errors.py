@@ -17,3 +17,7 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{key}={value!r}: {allowed}")
+
+
+class StorageError(OSError):
+    """Writing a run file failed (a full disk, a quota, a vanished mount); nothing was replaced."""

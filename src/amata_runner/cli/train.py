@@ -22,7 +22,9 @@ from amata_runner.cli import config_dir
 from amata_runner.cli.preflight import preflight
 from amata_runner.config import register_schemas, resolve_config
 from amata_runner.data import check_available
-from amata_runner.errors import ConfigError
+from amata_runner.errors import ConfigError, StorageError
+from amata_runner.interrupts import PREEMPTED_EXIT, ForcedStop, Preempted
+from amata_runner.nonfinite import NonFiniteLoss
 
 register_schemas()
 
@@ -56,9 +58,23 @@ def _task(cfg: DictConfig) -> float | None:
             raise
         print(f"amata-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as exc:  # a checkpoint was written: the whole sweep stops, to be resumed
+        write_status(run_dir, "preempted", str(exc))
+        print(f"amata-run: {exc}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    except ForcedStop as exc:
+        write_status(run_dir, "interrupted", str(exc))
+        print(f"amata-run: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         write_status(run_dir, "interrupted")
         raise
+    except (NonFiniteLoss, StorageError) as exc:
+        write_status(run_dir, "failed", str(exc))
+        if multirun:
+            raise
+        print(f"amata-run: error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise

@@ -106,8 +106,10 @@ class DeviceLoader:
     """Batches from a uint8 ImageSet held on the training device; shuffling and augmentation run
     there too.
 
-    All randomness comes from one generator on the device, so a run is reproducible from its seed,
-    and ``state_dict`` taken between epochs lets a resumed run replay the same next epoch.
+    All randomness comes from one generator on the device, so a run is reproducible from its seed.
+    ``state_dict`` records the generator as it was when the current epoch began and how many
+    batches of it were handed out, so a run stopped mid-epoch resumes with exactly the batches the
+    uninterrupted run would have drawn next (the skipped batches' draws are replayed, not built).
     """
 
     def __init__(
@@ -134,6 +136,9 @@ class DeviceLoader:
         self.padding = padding
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._epoch_start: torch.Tensor | None = None  # generator state when this epoch began
+        self.position = 0  # batches of the current epoch handed out
+        self._skip = 0  # batches to replay without yielding (set by load_state_dict)
 
     @property
     def num_examples(self) -> int:
@@ -158,15 +163,31 @@ class DeviceLoader:
         return Batch(x, self._labels.index_select(0, idx), idx, crop)
 
     def __iter__(self) -> Iterator[Batch]:
+        skip, self._skip = self._skip, 0
+        self._epoch_start = self.generator.get_state()
+        self.position = 0
         order = self._order()
         bs = self.batch_size
         # Batch boundaries are host ints, so slicing never waits on the device.
         for start in range(0, len(self) * bs, bs):
+            self.position += 1
+            if self.position <= skip:
+                if self.augment == "crop_flip":  # consume the same draws the batch made
+                    b = min(bs, self.num_examples - start)
+                    CropFlip.draw(b, self.padding, self.generator, self.device)
+                continue
             yield self._batch(order[start : start + bs])
+        self.position = 0
+        self._epoch_start = None
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Generator state; meaningful between epochs (a partly consumed epoch is not replayed)."""
-        return {"generator": self.generator.get_state()}
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """Between epochs: the generator. Mid-epoch: its state at the epoch's start + position."""
+        if self._epoch_start is not None and 0 < self.position < len(self):
+            return {"generator": self._epoch_start, "position": self.position}
+        return {"generator": self.generator.get_state(), "position": 0}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"].cpu())
+    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+        generator = state["generator"]
+        assert isinstance(generator, torch.Tensor)
+        self.generator.set_state(generator.cpu())
+        self._skip = int(state.get("position", 0))

@@ -9,10 +9,13 @@ spreadsheets; the JSONL file is the source of truth.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
+
+from amata_runner.errors import StorageError
 
 
 class MetricsSink(Protocol):
@@ -79,10 +82,20 @@ class MetricsFile:
         os.replace(tmp, self.path)
 
     def log(self, row: dict[str, Any]) -> None:
+        """Append one row as a single write; a failed write (full disk) is a StorageError."""
+        line = json.dumps(row) + "\n"
+        try:
+            self._handle.write(line)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            raise StorageError(
+                exc.errno or 0,
+                f"could not append to {self.path}: {reason}; the rows before it and the last "
+                "checkpoint are intact (resume=true once there is space)",
+            ) from exc
         self.rows.append(row)
-        self._handle.write(json.dumps(row) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
 
     def write_csv(self) -> None:
         if not self.rows:

@@ -122,6 +122,10 @@ class ATTA(Method):
         if (epoch + 1) % self.reset_period(control) == 0:
             self.reset_perturbations()
 
+    def resume_epoch(self, epoch: int, control: Control | None) -> None:
+        """Mid-epoch: any reset this epoch already happened and its result is in the state."""
+        del epoch, control
+
     def to_batch_frame(self, stored: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Stored perturbations moved through the batch's crop + flip, clipped around batch.x."""
         delta = stored if batch.crop is None else batch.crop.apply(stored)

@@ -67,6 +67,15 @@ class Method(ABC):
         """Called before each epoch (0-based), for methods with per-epoch schedules of their own."""
         del epoch, control
 
+    def resume_epoch(self, epoch: int, control: Control | None) -> None:
+        """Called instead of ``start_epoch`` when a run resumes in the middle of ``epoch``.
+
+        The method's state already reflects the epoch's start (it is in the checkpoint), so only
+        what ``start_epoch`` derives without side effects may be redone; a method whose
+        ``start_epoch`` draws random numbers or resets state must override this.
+        """
+        self.start_epoch(epoch, control)
+
     def epochs(self, configured: int) -> int:
         """How many epochs to run for ``epochs=configured`` (Free divides by its replays)."""
         return configured

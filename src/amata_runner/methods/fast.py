@@ -154,15 +154,38 @@ class Fast(Method):
         self._kept = _snapshot(self.ctx.model)
         return False
 
+    def resume_epoch(self, epoch: int, control: Control | None) -> None:
+        """Mid-epoch: the epoch's first batch is already in the restored state; keep it."""
+        del epoch, control
+
     def state_dict(self) -> dict[str, Any]:
-        """The previous epoch's check; the kept weights are the checkpoint's own model."""
-        return {"prev_robust_acc": float(self.prev_robust_acc)} if self.early_stop else {}
+        """The previous epoch's check; mid-epoch also the batch to check and the kept weights.
+
+        At an epoch end the kept weights are the checkpoint's own model; inside an epoch the model
+        has moved on, so they (and the epoch's first batch) are saved explicitly.
+        """
+        if not self.early_stop:
+            return {}
+        state: dict[str, Any] = {"prev_robust_acc": float(self.prev_robust_acc)}
+        if self._first_batch is not None:
+            state["first_batch"] = list(self._first_batch)
+            if self._kept is not None:
+                state["kept"] = self._kept
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # The engine loads the model before the method, and a checkpoint is written after the
-        # check, so the model now holds exactly the weights the check kept.
-        if self.early_stop and "prev_robust_acc" in state:
-            self.prev_robust_acc = float(state["prev_robust_acc"])
+        # The engine loads the model before the method; an epoch-end checkpoint is written after
+        # the check, so the model then holds exactly the weights the check kept.
+        if not self.early_stop or "prev_robust_acc" not in state:
+            return
+        self.prev_robust_acc = float(state["prev_robust_acc"])
+        if "first_batch" in state:
+            x, y = state["first_batch"]
+            self._first_batch = (x.to(self.ctx.device), y.to(self.ctx.device))
+            self._epoch_started = False
+            kept = state.get("kept")
+            self._kept = None if kept is None else {k: v.clone() for k, v in kept.items()}
+        else:
             self._kept = _snapshot(self.ctx.model)
 
     # ------------------------------------------------------------------ training

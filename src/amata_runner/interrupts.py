@@ -1,0 +1,82 @@
+"""Stopping a run on request without losing it: SIGTERM, SIGINT and SIGUSR1.
+
+Clusters announce preemption with a signal (SLURM sends SIGUSR1 or SIGTERM some time before it
+kills a job) and people press Ctrl-C. The first signal only sets a flag; the training loop polls it
+between steps (a host-side bool, no device sync), finishes the step it is in, writes a checkpoint,
+flushes its files and exits with :data:`PREEMPTED_EXIT`, so ``resume=true`` continues exactly. A
+second signal means "now": :class:`ForcedStop` is raised at once; every file the runner writes is
+replaced atomically, so stopping anywhere leaves the previous complete version in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: try again (with resume=true)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after its checkpoint was written."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after saving a checkpoint; rerun with resume=true")
+
+
+class ForcedStop(BaseException):
+    """A second stop signal: leave now (BaseException so no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}")
+
+
+class StopRequests:
+    """Context manager turning stop signals into :attr:`signum` while training runs.
+
+    Handlers can only be installed from the main thread; elsewhere (a launcher's worker thread) the
+    signals keep their previous behaviour and :attr:`signum` stays None.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        if self.signum is not None:
+            raise ForcedStop(signum)
+        self.signum = signum
+        log.warning(
+            "%s received: finishing the current step, then saving a checkpoint "
+            "(send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
