@@ -70,8 +70,9 @@ def signal_after(monkeypatch: pytest.MonkeyPatch, batches: int, *signums: int) -
         ("amata", signal.SIGTERM),
         ("atta", signal.SIGUSR1),
         ("fast", signal.SIGINT),
-        ("free", signal.SIGTERM),
-        ("fosc", signal.SIGUSR1),
+        pytest.param("free", signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param("fosc", signal.SIGUSR1, marks=pytest.mark.slow),
+        pytest.param("yopo", signal.SIGTERM, marks=pytest.mark.slow),
     ],
 )
 def test_a_stop_signal_checkpoints_mid_epoch_and_resume_is_exact(

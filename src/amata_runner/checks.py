@@ -57,3 +57,9 @@ def positive_budget(cfg: DictConfig, key: str, upper: float | None = None) -> No
 def at_least(cfg: DictConfig, key: str, low: int | float) -> None:
     value = OmegaConf.select(cfg, key)
     require(value >= low, key, value, f"must be >= {low}")
+
+
+def at_most(cfg: DictConfig, key: str, high: int | float, why: str) -> None:
+    """Reject sizes no run could mean (they would exhaust memory or run for years)."""
+    value = OmegaConf.select(cfg, key)
+    require(value <= high, key, value, f"must be <= {high:_} ({why})")

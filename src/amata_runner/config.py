@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from amata_runner import method_configs
-from amata_runner.checks import at_least, one_of, positive_budget, require
+from amata_runner.checks import at_least, at_most, one_of, positive_budget, require
 from amata_runner.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
@@ -273,6 +273,13 @@ def validate(cfg: DictConfig) -> None:
     _check_eval(cfg)
     one_of(cfg, "logger.name", LOGGERS)
     if cfg.logger.name == "wandb":
+        mode = cfg.logger.mode
+        require(
+            mode is None or mode in WANDB_MODES,
+            "logger.mode",
+            mode,
+            "allowed: null (W&B decides), " + ", ".join(WANDB_MODES),
+        )
         require(
             importlib.util.find_spec("wandb") is not None,
             "logger",
@@ -281,9 +288,34 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+# Upper bounds that only catch typos (an extra zero or two): no real run comes near them.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20
+MAX_DATASET_BYTES = 1 << 36  # 64 GiB of uint8 images for a generated (synthetic) dataset
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.,+=@-]{0,99}"
+WANDB_MODES = ("online", "offline", "disabled", "shared")
+
+
 def _check_run(cfg: DictConfig) -> None:
+    unknown = sorted(set(cfg.keys()) - set(RunConfig.__dataclass_fields__))
+    require(
+        not unknown,
+        unknown[0] if unknown else "",
+        cfg.get(unknown[0]) if unknown else None,
+        "unknown top-level key; allowed: " + ", ".join(RunConfig.__dataclass_fields__),
+    )
     at_least(cfg, "epochs", 1)
+    at_most(cfg, "epochs", MAX_EPOCHS, "a typo?")
     at_least(cfg, "batch_size", 1)
+    at_most(cfg, "batch_size", MAX_BATCH, "a typo?")
+    at_least(cfg, "seed", 0)
+    require(
+        re.fullmatch(NAME_PATTERN, str(cfg.name)) is not None,
+        "name",
+        cfg.name,
+        "1-100 characters from A-Z a-z 0-9 _ . , + = @ -, not starting with a dot "
+        "(it becomes part of the run directory's name)",
+    )
     one_of(cfg, "precision", PRECISIONS)
     one_of(cfg, "nonfinite", NONFINITE_MODES)
     device = str(cfg.device)
@@ -330,6 +362,15 @@ def _check_dataset(cfg: DictConfig) -> None:
     if cfg.dataset.name == "synthetic":
         at_least(cfg, "dataset.num_train", 1)
         at_least(cfg, "dataset.num_test", 1)
+        ds = cfg.dataset
+        size = (ds.num_train + ds.num_test) * ds.channels * ds.image_size**2
+        require(
+            size <= MAX_DATASET_BYTES,
+            "dataset.image_size",
+            ds.image_size,
+            f"{ds.num_train + ds.num_test} images of {ds.channels}x{ds.image_size}x"
+            f"{ds.image_size} need {size / 2**30:.0f} GiB; at most 64 GiB",
+        )
 
 
 def _check_method_and_schedule(cfg: DictConfig) -> None:

@@ -8,6 +8,9 @@ inspect (``--help``, ``--cfg``, ``--info``) or change where configs come from ar
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
@@ -65,6 +68,30 @@ def check_job(conf_dir: str, overrides: list[str]) -> None:
     resolved = resolve_config(cfg)
     check_available(resolved.dataset)
     check_model_fits(resolved)
+    check_writable("paths.output_dir", resolved.paths.output_dir)
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            check_writable(key, value)
+
+
+def check_writable(key: str, path: str) -> None:
+    """The directory can be created and written, judged without creating anything.
+
+    Walks up to the nearest existing ancestor: it must be a directory, writable, and not on a
+    read-only file system.
+    """
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, path, f"{existing} is a file, not a directory: choose another path")
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            key, path, f"{existing} is not writable: choose a directory you can write"
+        )
 
 
 def check_model_fits(cfg: DictConfig) -> None:
