@@ -1,0 +1,49 @@
+"""The throughput benchmark prints one stable JSON line per case (no speed is asserted here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_throughput
+
+KEYS = {
+    "date", "device", "torch", "threads", "method", "model", "shape", "batch", "steps",
+    "precision", "reference", "iters", "images_per_s", "reference_images_per_s", "ratio",
+    "s_per_50k_epoch", "reference_s_per_50k_epoch", "peak_mem_mib", "reference_peak_mem_mib",
+}  # fmt: skip
+TINY = ["--model", "lenet", "--shape", "1x28x28", "--batch", "8", "--iters", "2", "--warmup", "1"]
+
+
+@pytest.mark.parametrize("method", ["pgd", "free", "fast", "erm"])
+def test_each_case_is_one_json_line_with_the_stable_keys(
+    method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_throughput.main([*TINY, "--method", method, "--steps", "2", "--rounds", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert set(row) == KEYS
+    assert row["method"] == method and row["device"] == "cpu" and row["precision"] == "fp32"
+    assert row["ratio"] == pytest.approx(
+        row["images_per_s"] / row["reference_images_per_s"], rel=0.01
+    )
+    assert row["s_per_50k_epoch"] == pytest.approx(50_000 / row["images_per_s"], rel=0.01)
+
+
+def test_amata_projection_follows_algorithm_1(capsys: pytest.CaptureFixture[str]) -> None:
+    bench_throughput.main([*TINY, "--amata", "1,3,4", "--rounds", "1"])
+    row = json.loads(capsys.readouterr().out)
+    per_k = {int(k): v for k, v in row["s_per_iter_by_k"].items()}
+    assert sorted(per_k) == [1, 2, 3]
+    iters = math.ceil(50_000 / 8)
+    schedule = [1, 2, 2, 3]  # round-half-up of 1 + 2 t / 4, t = 0..3
+    expected = sum(per_k[k] for k in schedule) * iters
+    assert row["amata_train_s"] == pytest.approx(expected, rel=1e-3)
+    assert row["pgd_train_s"] == pytest.approx(per_k[3] * iters * 4, rel=1e-3)
+    assert row["ratio"] == pytest.approx(row["amata_train_s"] / row["pgd_train_s"], rel=1e-3)
