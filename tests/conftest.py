@@ -27,7 +27,7 @@ FAST = [
     "batch_size=128",
     "eval.subset=64",
     "eval.attack.steps=3",
-    "eval.final_attack.steps=3",
+    "eval.final_attacks=[pgd3]",
     "dataset.threat.steps=3",
     "progress=false",
 ]

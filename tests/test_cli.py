@@ -215,7 +215,7 @@ def test_every_method_trains_cifar10_shaped_preactresnet18(tmp_path: Path) -> No
             *tiny,
             "eval.subset=32",
             "eval.attack.steps=2",
-            "eval.final_attack.steps=2",
+            "eval.final_attacks=[pgd2]",
             "schedule.switch=1",
             "progress=false",
             f"hydra.sweep.dir={sweep}",

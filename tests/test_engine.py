@@ -75,7 +75,7 @@ def test_train_clock_excludes_evaluation(tmp_path: Path, monkeypatch: pytest.Mon
     """A fake time source: each training batch takes 1 s, each evaluation 1000 s."""
     now = {"t": 0.0}
     monkeypatch.setattr(clock, "perf_counter", lambda: now["t"])
-    real_batch, real_evaluate = PGD.train_batch, engine.evaluate
+    real_batch, real_evaluate, real_suite = PGD.train_batch, engine.evaluate, engine.run_suite
 
     def slow_batch(self: PGD, *args: Any) -> Any:
         now["t"] += 1.0
@@ -85,8 +85,13 @@ def test_train_clock_excludes_evaluation(tmp_path: Path, monkeypatch: pytest.Mon
         now["t"] += 1000.0
         return real_evaluate(*args, **kwargs)
 
+    def slow_suite(*args: Any, **kwargs: Any) -> Any:
+        now["t"] += 1000.0
+        return real_suite(*args, **kwargs)
+
     monkeypatch.setattr(PGD, "train_batch", slow_batch)
     monkeypatch.setattr(engine, "evaluate", slow_evaluate)
+    monkeypatch.setattr(engine, "run_suite", slow_suite)
     summary = run(tmp_path)
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert [r["train_seconds"] for r in rows] == [12.0, 24.0]  # 12 batches per epoch

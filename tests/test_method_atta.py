@@ -303,7 +303,7 @@ def test_atta_with_crop_flip_end_to_end(tmp_path: Path) -> None:
             "epochs=2",
             "dataset.threat.steps=1",
             "eval.attack.steps=1",
-            "eval.final_attack.steps=1",
+            "eval.final_attacks=[pgd1]",
         ]
     )
     summary = Trainer(cfg, tmp_path).run()

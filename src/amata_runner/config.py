@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from amata_runner import method_configs
 from amata_runner.checks import at_least, at_most, one_of, positive_budget, require
+from amata_runner.criterion_config import CriterionConfig, check_criterion
 from amata_runner.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
@@ -164,6 +165,12 @@ class EvalAttackConfig:
 
 
 @dataclass
+class FinalThreatConfig:
+    eps: Any = "${dataset.threat.eps}"
+    step_size: Any = "${dataset.threat.step_size}"
+
+
+@dataclass
 class EvalConfig:
     every: int = 1
     unit: str = "epoch"
@@ -172,7 +179,12 @@ class EvalConfig:
     seed: int = 0
     attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
     final: bool = True
-    final_attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
+    # The final evaluation on the whole test set: attack names (attacks/suite.py's grammar: clean,
+    # pgd<K>, pgd<K>x<R>, cw_inf, cw_l2, autoattack) under the threat model final_threat.
+    final_attacks: list[str] = field(default_factory=lambda: ["pgd20"])
+    final_threat: FinalThreatConfig = field(default_factory=lambda: FinalThreatConfig())
+    # The optimal-control criterion C (paper eq. 14) at epoch ends: criterion_config.py.
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
     target_robust_errors: list[float] = "${dataset.recipe.target_robust_errors}"  # type: ignore[assignment]
     target_clean_errors: list[float] = field(default_factory=list)
 
@@ -222,6 +234,10 @@ class RunConfig:
     resume: bool = False
     progress: bool | None = None
     save_best: bool = True
+    # Free-form blocks of experiment configs (conf/experiment): the published numbers a run is
+    # compared with, and how amata-report tabulates it. The runner itself does not read them.
+    paper: Any = None
+    report: Any = None
     nonfinite: str = "stop"  # a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step
 
 
@@ -423,10 +439,20 @@ def _check_eval(cfg: DictConfig) -> None:
     one_of(cfg, "eval.unit", UNITS)
     at_least(cfg, "eval.subset", 1)
     at_least(cfg, "eval.batch_size", 1)
-    for attack in ("eval.attack", "eval.final_attack"):
-        at_least(cfg, f"{attack}.steps", 1)
+    at_least(cfg, "eval.attack.steps", 1)
+    for attack in ("eval.attack", "eval.final_threat"):
         positive_budget(cfg, f"{attack}.eps", upper=1.0)
         positive_budget(cfg, f"{attack}.step_size")
+    from amata_runner.attacks.suite import parse_attacks  # torch: only once a run is checked
+
+    require(
+        len(cfg.eval.final_attacks) > 0 or not cfg.eval.final,
+        "eval.final_attacks",
+        list(cfg.eval.final_attacks),
+        "at least one attack when eval.final=true",
+    )
+    parse_attacks(list(cfg.eval.final_attacks), key="eval.final_attacks")
+    check_criterion(cfg)
     for key in ("eval.target_robust_errors", "eval.target_clean_errors"):
         targets = list(OmegaConf.select(cfg, key))
         require(all(0 <= t <= 1 for t in targets), key, targets, "errors must be in [0, 1]")

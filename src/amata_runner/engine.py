@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from amata_runner.attacks.suite import SuiteOptions, paper_cw_l2_c, run_suite
 from amata_runner.checkpoint import (
     BEST,
     LAST,
@@ -38,6 +39,7 @@ from amata_runner.checkpoint import (
     set_rng_state,
 )
 from amata_runner.clock import TrainClock
+from amata_runner.criterion import CriterionProbe, summarise_criterion
 from amata_runner.data import DeviceLoader, load_splits
 from amata_runner.errors import ConfigError
 from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
@@ -165,6 +167,12 @@ class Trainer:
         seed_everything(cfg.seed)
 
         train_set, test_set = load_splits(cfg.dataset)
+        # Probe batches for the criterion C, drawn with their own generator (no global RNG).
+        self.criterion: CriterionProbe | None = (
+            CriterionProbe(cfg.eval.criterion, train_set, self.device)
+            if cfg.eval.criterion.enabled
+            else None
+        )
         self.test_images = test_set.images.to(self.device)
         self.test_labels = test_set.labels.to(self.device)
         subset = torch.randperm(
@@ -228,7 +236,11 @@ class Trainer:
         self.stop = StopRequests()
         self.wandb_id: str | None = None
         self.eval_attack = AttackSpec(**_attack_args(cfg.eval.attack))
-        self.final_attack = AttackSpec(**_attack_args(cfg.eval.final_attack))
+        self.final_options = SuiteOptions(
+            eps=float(cfg.eval.final_threat.eps),
+            step_size=float(cfg.eval.final_threat.step_size),
+            cw_l2_c=paper_cw_l2_c(cfg.dataset.name),
+        )
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -451,11 +463,18 @@ class Trainer:
         }
         if self.skip_nonfinite:
             row["skipped_steps"] = self.optimizer.skipped
+        if self.criterion is not None and control is not None and self._criterion_due(epoch):
+            row.update(self.criterion.measure(self.model, control.steps, control.step_size))
         if result.robust_accuracy > self.progress.best_robust_accuracy:
             self.progress.best_robust_accuracy = result.robust_accuracy
             self.progress.best_epoch = int(np.ceil(epoch))
             self._best_pending = True
         return row
+
+    def _criterion_due(self, epoch: float) -> bool:
+        """Rows that close a whole epoch, every ``eval.criterion.every`` epochs; C scores the
+        control that produced the weights during the epoch just finished."""
+        return float(epoch).is_integer() and int(epoch) % self.cfg.eval.criterion.every == 0
 
     def _emit(
         self, row: dict[str, Any], metrics: MetricsFile, sinks: list[MetricsSink], bar: ProgressBar
@@ -476,6 +495,26 @@ class Trainer:
         metrics.write_csv()
 
     # ------------------------------------------------------------------ summary
+    def _final_evaluation(self) -> dict[str, Any]:
+        """Clean accuracy and each of ``eval.final_attacks`` on the whole test set (fp32)."""
+        names = ["clean", *(n for n in self.cfg.eval.final_attacks if n != "clean")]
+        results = run_suite(
+            self.model,
+            self.test_images,
+            self.test_labels,
+            names,
+            self.final_options,
+            batch_size=self.cfg.eval.batch_size,
+            seed=self.cfg.eval.seed,
+        )
+        robust = {name: r for name, r in results.items() if name != "clean"}
+        return {
+            "examples": results["clean"]["examples"],
+            "clean_accuracy": results["clean"]["accuracy"],
+            "robust_accuracy": {name: r["accuracy"] for name, r in robust.items()},
+            "attacks": {name: r["params"] for name, r in robust.items()},
+        }
+
     def _summarise(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         cfg = self.cfg
         summary: dict[str, Any] = {
@@ -505,14 +544,11 @@ class Trainer:
                 **time_to_targets(rows, "clean_error", list(cfg.eval.target_clean_errors)),
             },
         }
+        criterion = summarise_criterion(rows)
+        if criterion is not None:
+            summary["criterion"] = criterion
         if cfg.eval.final:
-            result = self._evaluate(self.test_images, self.test_labels, self.final_attack)
-            summary["final"] = {
-                "examples": result.total,
-                "clean_accuracy": result.clean_accuracy,
-                "robust_accuracy": {self.final_attack.name: result.robust_accuracy},
-                "attacks": {self.final_attack.name: asdict(self.final_attack)},
-            }
+            summary["final"] = self._final_evaluation()
         return summary
 
 
