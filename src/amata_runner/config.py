@@ -42,7 +42,8 @@ METHODS = (
 # Methods whose strength follows the `schedule` group (the others are unscheduled or, like FOSC
 # and FAT, carry their reference schedule in their own config).
 SCHEDULED_METHODS = tuple(m for m in METHODS if m not in ("erm", "fosc", "fat"))
-SCHEDULES = ("constant", "linear", "exponential", "step")
+SCHEDULES = ("constant", "linear", "exponential", "step", "adaptive")
+ADAPTIVE_MODES = ("monotone", "free")
 LR_SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
 LOGGERS = ("jsonl", "wandb")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -139,6 +140,15 @@ class ScheduleConfig:
     unit: str = "epoch"
     endpoint: str = "paper"
     switch: int = 0
+    # schedule=adaptive only (adaptive.py): K chosen every `every` epochs/iterations as the argmax
+    # over `candidates` (null: k_min..k_max) of H = ||grad_theta loss||^2 - gamma * K on probes.
+    gamma: float = 0.04
+    candidates: list[int] | None = None
+    every: int = 1
+    mode: str = "monotone"
+    probe_batches: int = 2
+    probe_batch_size: int | None = None
+    probe_seed: int = 0
 
 
 @dataclass
@@ -414,6 +424,8 @@ def _check_method_and_schedule(cfg: DictConfig) -> None:
         positive_budget(cfg, "schedule.tau")
     if cfg.schedule.name == "exponential":
         require(cfg.schedule.eta > 0, "schedule.eta", cfg.schedule.eta, "must be > 0")
+    if cfg.schedule.name == "adaptive":
+        _check_adaptive(cfg)
     if cfg.schedule.name == "step":
         switch = cfg.schedule.switch
         require(0 <= switch <= cfg.epochs, "schedule.switch", switch, "must be in [0, epochs]")
@@ -432,6 +444,24 @@ def _check_optim(cfg: DictConfig) -> None:
         "must be strictly increasing positive epochs",
     )
     require(0 < cfg.optim.gamma <= 1, "optim.gamma", cfg.optim.gamma, "must be in (0, 1]")
+
+
+def _check_adaptive(cfg: DictConfig) -> None:
+    s = cfg.schedule
+    require(s.gamma >= 0, "schedule.gamma", s.gamma, "must be >= 0")
+    at_least(cfg, "schedule.every", 1)
+    one_of(cfg, "schedule.mode", ADAPTIVE_MODES)
+    at_least(cfg, "schedule.probe_batches", 1)
+    if s.probe_batch_size is not None:
+        at_least(cfg, "schedule.probe_batch_size", 1)
+    if s.candidates is not None:
+        candidates = list(s.candidates)
+        require(
+            len(candidates) > 0 and all(isinstance(k, int) and k >= 1 for k in candidates),
+            "schedule.candidates",
+            candidates,
+            "a non-empty list of integers >= 1 (null: k_min..k_max)",
+        )
 
 
 def _check_eval(cfg: DictConfig) -> None:

@@ -88,6 +88,7 @@ def make_probes(
     random_start: bool,
     seed: int,
     device: torch.device,
+    key: str = "eval.criterion.probe_batches",
 ) -> list[ProbeBatch]:
     """``batches`` disjoint batches drawn from uint8 ``images`` with a private generator.
 
@@ -97,7 +98,7 @@ def make_probes(
     n = int(images.shape[0])
     if batches * batch_size > n:
         raise ConfigError(
-            "eval.criterion.probe_batches",
+            key,
             batches,
             f"probe_batches * probe_batch_size ({batches} * {batch_size}) must be <= the training "
             f"set size ({n})",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from amata_runner.adaptive import AdaptiveSchedule, build_adaptive
 from amata_runner.attacks.suite import SuiteOptions, paper_cw_l2_c, run_suite
 from amata_runner.checkpoint import (
     BEST,
@@ -222,9 +223,13 @@ class Trainer:
             cfg.optim, self.optimizer, self.epochs, len(self.loader)
         )
         self.lr_per_iteration = cfg.optim.lr_schedule == "cyclic"
-        self.schedule: Schedule | None = (
-            build_schedule(cfg, self.epochs, len(self.loader)) if self.method.uses_control else None
-        )
+        self.schedule: Schedule | AdaptiveSchedule | None = None
+        if self.method.uses_control and cfg.schedule.name == "adaptive":
+            self.schedule = build_adaptive(
+                cfg, train_set, self.device, len(self.loader), self.counter
+            )
+        elif self.method.uses_control:
+            self.schedule = build_schedule(cfg, self.epochs, len(self.loader))
         self.clock = TrainClock(self.device)
         self.progress = Progress()
         self._best_pending = False  # an evaluation beat the best so far; best.ckpt is due
@@ -249,6 +254,9 @@ class Trainer:
         return nullcontext()
 
     def control(self, epoch: int, iteration: int = 0) -> Control | None:
+        """The control for this batch; an adaptive schedule decides here (on the train clock)."""
+        if isinstance(self.schedule, AdaptiveSchedule):
+            return self.schedule.decide(self.model, epoch, iteration)
         return None if self.schedule is None else self.schedule.at(epoch, iteration)
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -259,6 +267,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "method": self.method.state_dict(),
+            "schedule": (
+                self.schedule.state_dict() if isinstance(self.schedule, AdaptiveSchedule) else {}
+            ),
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "progress": asdict(self.progress),
@@ -294,6 +305,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.method.load_state_dict(state["method"])
+        if isinstance(self.schedule, AdaptiveSchedule):
+            self.schedule.load_state_dict(state["schedule"])
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
@@ -365,9 +378,9 @@ class Trainer:
         per_iteration_control = self.schedule is not None and self.schedule.per_iteration
         last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
         for epoch in range(self.progress.epoch, self.epochs):
-            control = self.control(epoch)
             first = self.progress.batch  # > 0: resuming inside this epoch
             self.clock.start()
+            control = self.control(epoch, first)
             if first:
                 self.method.resume_epoch(epoch, control)
             else:
@@ -461,6 +474,8 @@ class Trainer:
             "eval_attack": self.eval_attack.name,
             **self.method.metrics(),
         }
+        if isinstance(self.schedule, AdaptiveSchedule):
+            row.update(self.schedule.metrics())
         if self.skip_nonfinite:
             row["skipped_steps"] = self.optimizer.skipped
         if self.criterion is not None and control is not None and self._criterion_due(epoch):
