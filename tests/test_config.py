@@ -92,7 +92,8 @@ BAD_OVERRIDES = [
         "allowed: amata, amata_atta, amata_fast, amata_free, amata_yopo, atta, erm, fast, fat, "
         "fosc, free, pgd, yopo",
     ),
-    (["dataset=imagenet"], "dataset", "allowed: cifar10, digits"),
+    (["dataset=svhn"], "dataset", "allowed: caltech256, cifar10, digits"),
+    (["dataset=imagenet", "paths.data_dir=/nonexistent"], "dataset.root", "train/"),
     (["schedule.name=cosine"], "schedule.name", "allowed: constant, linear, exponential"),
     (["method.attack_bn=frozen"], "method.attack_bn", "allowed: eval, train"),
     (["epochs=0"], "epochs", ">= 1"),

@@ -22,7 +22,8 @@ from amata_runner.checks import at_least, at_most, one_of, positive_budget, requ
 from amata_runner.criterion_config import CriterionConfig, check_criterion
 from amata_runner.errors import ConfigError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+FOLDER_DATASETS = ("caltech256", "imagenet")  # image folders decoded by DataLoader workers
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", *FOLDER_DATASETS)
 MODELS = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50")
 METHODS = (
     "erm",
@@ -48,7 +49,7 @@ LR_SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
 LOGGERS = ("jsonl", "wandb")
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE_MODES = ("stop", "skip")
-AUGMENTS = ("none", "crop_flip")
+AUGMENTS = ("none", "crop_flip", "random_resized_crop")
 ATTACK_BN_MODES = ("eval", "train")
 UNITS = ("epoch", "iteration")
 
@@ -101,6 +102,24 @@ class SyntheticConfig(DatasetConfig):
     num_train: int = 2048
     num_test: int = 512
     seed: int = 0
+
+
+@dataclass
+class FolderDatasetConfig(DatasetConfig):
+    """Image folders decoded by DataLoader workers (data/folders.py, data/streaming.py)."""
+
+    resize_size: int = 256
+    workers: int = 8
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+    drop_last: bool = False
+
+
+@dataclass
+class Caltech256Config(FolderDatasetConfig):
+    test_fraction: float = 0.2
+    split_seed: int = 0
 
 
 @dataclass
@@ -259,6 +278,8 @@ def register_schemas() -> None:
         "dataset": {
             "digits": DigitsConfig,
             "synthetic": SyntheticConfig,
+            "caltech256": Caltech256Config,
+            "imagenet": FolderDatasetConfig,
             "base": DatasetConfig,
         },
         "model": {"base": ModelConfig},
@@ -379,6 +400,7 @@ def _check_dataset(cfg: DictConfig) -> None:
             )
     if cfg.dataset.std is not None:
         require(all(s > 0 for s in cfg.dataset.std), "dataset.std", list(cfg.dataset.std), "> 0")
+    _check_folder_dataset(cfg)
     positive_budget(cfg, "dataset.threat.eps", upper=1.0)
     positive_budget(cfg, "dataset.threat.step_size")
     at_least(cfg, "dataset.threat.steps", 1)
@@ -444,6 +466,48 @@ def _check_optim(cfg: DictConfig) -> None:
         "must be strictly increasing positive epochs",
     )
     require(0 < cfg.optim.gamma <= 1, "optim.gamma", cfg.optim.gamma, "must be in (0, 1]")
+
+
+def _check_folder_dataset(cfg: DictConfig) -> None:
+    ds = cfg.dataset
+    if ds.name not in FOLDER_DATASETS:
+        require(
+            ds.augment != "random_resized_crop",
+            "dataset.augment",
+            ds.augment,
+            "random_resized_crop is for caltech256/imagenet; allowed: none, crop_flip",
+        )
+        return
+    require(ds.channels == 3, "dataset.channels", ds.channels, f"{ds.name} images are RGB: use 3")
+    require(
+        ds.resize_size >= ds.image_size,
+        "dataset.resize_size",
+        ds.resize_size,
+        f"must be >= dataset.image_size ({ds.image_size})",
+    )
+    at_least(cfg, "dataset.workers", 0)
+    at_least(cfg, "dataset.prefetch_factor", 1)
+    if ds.name == "caltech256":
+        fraction = ds.test_fraction
+        require(0 < fraction < 1, "dataset.test_fraction", fraction, "must be in (0, 1)")
+    require(
+        cfg.method.name not in ("atta", "amata_atta"),
+        "method.name",
+        cfg.method.name,
+        "ATTA keeps a perturbation per training image in the un-augmented frame: not available "
+        "for caltech256/imagenet",
+    )
+    for key, enabled in (
+        ("eval.criterion.enabled", cfg.eval.criterion.enabled),
+        ("schedule.name", cfg.schedule.name == "adaptive"),
+    ):
+        require(
+            not enabled,
+            key,
+            OmegaConf.select(cfg, key),
+            "its probe batches need an in-memory training set: not available for "
+            "caltech256/imagenet",
+        )
 
 
 def _check_adaptive(cfg: DictConfig) -> None:

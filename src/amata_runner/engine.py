@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from amata_runner.adaptive import AdaptiveSchedule, build_adaptive
-from amata_runner.attacks.suite import SuiteOptions, paper_cw_l2_c, run_suite
+from amata_runner.attacks.suite import SuiteOptions, merge_results, paper_cw_l2_c, run_suite
 from amata_runner.checkpoint import (
     BEST,
     LAST,
@@ -41,7 +41,7 @@ from amata_runner.checkpoint import (
 )
 from amata_runner.clock import TrainClock
 from amata_runner.criterion import CriterionProbe, summarise_criterion
-from amata_runner.data import DeviceLoader, load_splits
+from amata_runner.data import ImageSet, eval_batches, eval_subset, load_splits, make_train_loader
 from amata_runner.errors import ConfigError
 from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
 from amata_runner.interrupts import Preempted, StopRequests
@@ -56,6 +56,7 @@ from amata_runner.schedules import Control, Schedule
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+FINAL_EVAL_CHUNK = 4096  # test images decoded at once for the folder datasets' final evaluation
 # Settings that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = ("resume", "progress", "logger", "paths", "device", "nonfinite")
 
@@ -168,28 +169,20 @@ class Trainer:
         seed_everything(cfg.seed)
 
         train_set, test_set = load_splits(cfg.dataset)
+        self.test_set = test_set
         # Probe batches for the criterion C, drawn with their own generator (no global RNG).
         self.criterion: CriterionProbe | None = (
             CriterionProbe(cfg.eval.criterion, train_set, self.device)
             if cfg.eval.criterion.enabled
             else None
         )
-        self.test_images = test_set.images.to(self.device)
-        self.test_labels = test_set.labels.to(self.device)
         subset = torch.randperm(
             len(test_set), generator=torch.Generator().manual_seed(cfg.eval.seed)
         )
-        subset = subset[: cfg.eval.subset].sort().values.to(self.device)
-        self.eval_images = self.test_images[subset]
-        self.eval_labels = self.test_labels[subset]
-        self.loader = DeviceLoader(
-            train_set,
-            cfg.batch_size,
-            self.device,
-            shuffle=True,
-            drop_last=False,
-            augment=cfg.dataset.augment,
-            seed=cfg.seed,
+        subset = subset[: cfg.eval.subset].sort().values
+        self.eval_images, self.eval_labels = eval_subset(test_set, subset, self.device)
+        self.loader = make_train_loader(
+            train_set, cfg.dataset, cfg.batch_size, self.device, seed=cfg.seed
         )
 
         ds = cfg.dataset
@@ -513,15 +506,24 @@ class Trainer:
     def _final_evaluation(self) -> dict[str, Any]:
         """Clean accuracy and each of ``eval.final_attacks`` on the whole test set (fp32)."""
         names = ["clean", *(n for n in self.cfg.eval.final_attacks if n != "clean")]
-        results = run_suite(
-            self.model,
-            self.test_images,
-            self.test_labels,
-            names,
-            self.final_options,
-            batch_size=self.cfg.eval.batch_size,
-            seed=self.cfg.eval.seed,
-        )
+        # Small sets are one chunk already on the device; folder sets are decoded in chunks.
+        chunk = len(self.test_set) if isinstance(self.test_set, ImageSet) else FINAL_EVAL_CHUNK
+        parts, offset = [], 0
+        for images, labels in eval_batches(self.test_set, chunk, self.device):
+            parts.append(
+                run_suite(
+                    self.model,
+                    images,
+                    labels,
+                    names,
+                    self.final_options,
+                    batch_size=self.cfg.eval.batch_size,
+                    seed=self.cfg.eval.seed,
+                    offset=offset,
+                )
+            )
+            offset += int(labels.shape[0])
+        results = {name: merge_results([part[name] for part in parts]) for name in names}
         robust = {name: r for name, r in results.items() if name != "clean"}
         return {
             "examples": results["clean"]["examples"],

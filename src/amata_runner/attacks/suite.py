@@ -269,8 +269,12 @@ def run_attack(
     batch_size: int,
     seed: int,
     store: ProgressStore | None = None,
+    offset: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy of ``model`` on (uint8 images, labels) under one attack; see :func:`run_suite`."""
+    """Accuracy of ``model`` on (uint8 images, labels) under one attack; see :func:`run_suite`.
+
+    ``offset``: the index of ``images[0]`` in the whole test set, when it is one chunk of it (the
+    random starts depend on the example's place in the set, not in the chunk)."""
     device = images.device
     n = int(images.shape[0])
     fn = attack_function(attack, options, batch_size)
@@ -290,8 +294,8 @@ def run_attack(
         tic = time.perf_counter()
         x = images[start : start + batch_size].float().div_(255)
         y = labels[start : start + batch_size]
-        generator.manual_seed(batch_seed(seed, start))
-        x_adv = fn(model, x, y, generator, batch_seed(seed, start))
+        generator.manual_seed(batch_seed(seed, offset + start))
+        x_adv = fn(model, x, y, generator, batch_seed(seed, offset + start))
         with torch.no_grad():
             correct += (model(x_adv).argmax(1) == y).sum()
             diff = (x_adv - x).flatten(1)
@@ -322,6 +326,21 @@ def run_attack(
     }
 
 
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One attack's results over consecutive chunks of a test set, as if run in one piece."""
+    examples = sum(p["examples"] for p in parts)
+    correct = sum(p["correct"] for p in parts)
+    return {
+        "accuracy": correct / examples,
+        "correct": correct,
+        "examples": examples,
+        "seconds": sum(p["seconds"] for p in parts),
+        "max_linf": max(p["max_linf"] for p in parts),
+        "mean_l2": sum(p["mean_l2"] * p["examples"] for p in parts) / examples,
+        "params": parts[0]["params"],
+    }
+
+
 def run_suite(
     model: nn.Module,
     images_uint8: torch.Tensor,
@@ -333,6 +352,7 @@ def run_suite(
     seed: int,
     store: ProgressStore | None = None,
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
+    offset: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Run each named attack over the whole set; ``{name: {accuracy, correct, examples, ...}}``.
 
@@ -361,6 +381,7 @@ def run_suite(
                 batch_size=batch_size,
                 seed=seed,
                 store=store,
+                offset=offset,
             )
             results[attack.name] = result
             if on_result is not None:

@@ -218,7 +218,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
     if any(a.kind == "autoattack" for a in attacks):
         load_autoattack()  # a missing optional extra stops here, before any loading or work
 
-    from amata_runner.data import load_splits
+    from amata_runner.data import eval_subset, load_splits
     from amata_runner.run_files import load_trained
 
     trained = load_trained(opts.ckpt, device)
@@ -232,8 +232,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
     n = total if opts.n_examples is None else opts.n_examples
     if not 1 <= n <= total:
         raise ConfigError("n_examples", opts.n_examples, f"must be in 1..{total} (the test split)")
-    images = test.images[:n].to(device)
-    labels = test.labels[:n].to(device)
+    images, labels = eval_subset(test, range(n), device)  # folder sets: decodes n images
 
     out = Path(opts.output) if opts.output else trained.path.parent / "eval.json"
     store = EvalFile(out)

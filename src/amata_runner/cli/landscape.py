@@ -83,7 +83,7 @@ def _body(argv: list[str]) -> list[Path]:
 
     import torch  # torch-heavy imports after the options are known to be sane
 
-    from amata_runner.data import load_splits
+    from amata_runner.data import eval_subset, load_splits
     from amata_runner.landscape import (
         amata_control,
         compute_landscape,
@@ -136,8 +136,8 @@ def _body(argv: list[str]) -> list[Path]:
     span = None if opts.span is None else as_float("span", opts.span)
     written = []
     for index in range(opts.index, last):
-        x = test_set.images[index : index + 1].to(device=device, dtype=torch.float32).div_(255)
-        y = test_set.labels[index : index + 1].to(device)
+        images, y = eval_subset(test_set, [index], device)
+        x = images.to(torch.float32).div_(255)
         landscape = compute_landscape(
             run.model,
             x,

@@ -1,4 +1,8 @@
-"""Datasets as whole uint8 tensors, and a loader that batches them on the training device."""
+"""Datasets and training loaders.
+
+Small sets are whole uint8 tensors batched on the training device (``DeviceLoader``); the folder
+sets (Caltech256, ImageNet) are image files decoded by DataLoader workers (``StreamingLoader``).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,40 @@ from amata_runner.data.datasets import (
     load_mnist,
     make_synthetic,
 )
+from amata_runner.data.folders import FOLDER_AUGMENTS, FOLDER_DATASETS, EvalImages, ImageFiles
 from amata_runner.data.loader import Batch, CropFlip, DeviceLoader
-from amata_runner.data.registry import check_available, load_splits
+from amata_runner.data.registry import (
+    DATASET_NAMES,
+    TestData,
+    TrainData,
+    check_available,
+    eval_batches,
+    eval_subset,
+    load_splits,
+    make_train_loader,
+)
+from amata_runner.data.streaming import StreamingLoader
 
 __all__ = [
+    "DATASET_NAMES",
+    "FOLDER_AUGMENTS",
+    "FOLDER_DATASETS",
     "Batch",
     "CropFlip",
     "DeviceLoader",
+    "EvalImages",
+    "ImageFiles",
     "ImageSet",
+    "StreamingLoader",
+    "TestData",
+    "TrainData",
     "check_available",
+    "eval_batches",
+    "eval_subset",
     "load_cifar10",
     "load_digits",
     "load_mnist",
     "load_splits",
     "make_synthetic",
+    "make_train_loader",
 ]

@@ -2,12 +2,19 @@
 
 The availability check looks only at file names, so the CLI can refuse a run whose data is missing
 (and download is off) before Hydra creates a run directory or any tensor is loaded.
+
+Small sets come back as uint8 ``ImageSet``s that live on the device (``DeviceLoader``); the folder
+sets (Caltech256, ImageNet) as ``ImageFiles`` for training (``StreamingLoader``) and ``EvalImages``
+for testing. ``make_train_loader``, ``eval_subset`` and ``eval_batches`` take either kind, so the
+engine need not tell them apart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from amata_runner.data.datasets import (
@@ -17,7 +24,32 @@ from amata_runner.data.datasets import (
     load_mnist,
     make_synthetic,
 )
+from amata_runner.data.folders import (
+    FOLDER_DATASETS,
+    EvalImages,
+    ImageFiles,
+    check_tree,
+    load_folder_splits,
+)
+from amata_runner.data.loader import DeviceLoader
+from amata_runner.data.streaming import StreamingLoader
 from amata_runner.errors import ConfigError
+
+__all__ = [
+    "DATASET_NAMES",
+    "TestData",
+    "TrainData",
+    "check_available",
+    "eval_batches",
+    "eval_subset",
+    "load_splits",
+    "make_train_loader",
+]
+
+TrainData = ImageSet | ImageFiles
+TestData = ImageSet | EvalImages
+
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", *FOLDER_DATASETS)
 
 # Files torchvision needs on disk for each downloadable dataset, relative to dataset.root.
 _REQUIRED_FILES: dict[str, tuple[str, ...]] = {
@@ -32,6 +64,9 @@ _REQUIRED_FILES: dict[str, tuple[str, ...]] = {
 
 def check_available(cfg: DictConfig) -> None:
     """Raise a one-line ConfigError when the dataset is neither on disk nor allowed to download."""
+    if cfg.name in FOLDER_DATASETS:
+        check_tree(cfg)
+        return
     required = _REQUIRED_FILES.get(cfg.name)
     if required is None or cfg.download:
         return
@@ -46,8 +81,8 @@ def check_available(cfg: DictConfig) -> None:
         )
 
 
-def load_splits(cfg: DictConfig) -> tuple[ImageSet, ImageSet]:
-    """Load (train, test) as uint8 ImageSets for the configured dataset."""
+def load_splits(cfg: DictConfig) -> tuple[TrainData, TestData]:
+    """(train, test): uint8 ImageSets for the small sets; ImageFiles, EvalImages for the folders."""
     name = cfg.name
     if name == "digits":
         return load_digits(cfg.test_fraction, cfg.split_seed, cfg.image_size)
@@ -61,6 +96,61 @@ def load_splits(cfg: DictConfig) -> tuple[ImageSet, ImageSet]:
         return make_synthetic(
             cfg.num_train, cfg.num_test, cfg.channels, cfg.image_size, cfg.num_classes, cfg.seed
         )
-    raise ConfigError(
-        "dataset.name", name, "allowed: digits, mnist, fashion_mnist, cifar10, synthetic"
+    if name in FOLDER_DATASETS:
+        return load_folder_splits(cfg)
+    raise ConfigError("dataset.name", name, "allowed: " + ", ".join(DATASET_NAMES))
+
+
+def make_train_loader(
+    train_set: TrainData,
+    cfg: DictConfig,
+    batch_size: int,
+    device: torch.device | str,
+    *,
+    seed: int,
+) -> DeviceLoader | StreamingLoader:
+    """The shuffled training loader for either kind of training split (``cfg``: cfg.dataset)."""
+    if isinstance(train_set, ImageFiles):
+        return StreamingLoader(
+            train_set,
+            batch_size,
+            device,
+            shuffle=True,
+            drop_last=bool(cfg.drop_last),
+            seed=seed,
+            workers=int(cfg.workers),
+            pin_memory=bool(cfg.pin_memory),
+            persistent_workers=bool(cfg.persistent_workers),
+            prefetch_factor=int(cfg.prefetch_factor),
+        )
+    return DeviceLoader(
+        train_set,
+        batch_size,
+        device,
+        shuffle=True,
+        drop_last=False,
+        augment=cfg.augment,
+        seed=seed,
     )
+
+
+def eval_subset(
+    test_set: TestData, indices: Sequence[int] | torch.Tensor, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test examples at ``indices`` as (uint8 images, labels) on ``device``."""
+    if isinstance(test_set, EvalImages):
+        return test_set.subset(indices, device)
+    index = torch.as_tensor(indices, dtype=torch.int64)
+    return test_set.images[index].to(device), test_set.labels[index].to(device)
+
+
+def eval_batches(
+    test_set: TestData, batch_size: int, device: torch.device | str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole test split in order, as (uint8 images, labels) chunks on ``device``."""
+    if isinstance(test_set, EvalImages):
+        yield from test_set.batches(batch_size, device)
+        return
+    images, labels = test_set.images.to(device), test_set.labels.to(device)
+    for start in range(0, len(labels), batch_size):
+        yield images[start : start + batch_size], labels[start : start + batch_size]
