@@ -373,3 +373,12 @@ def test_step_output_contract_used_by_the_nan_tests() -> None:
     """The NaN tests poison ``loss_sum`` as the engine sees it: a 0-d device tensor."""
     out = StepOutput(torch.tensor(1.0), torch.tensor(1))
     assert out.loss_sum.dim() == 0
+
+
+def test_resume_auto_starts_fresh_or_continues(tmp_path: Path) -> None:
+    """What a cluster requeue needs: the same command line works before and after a checkpoint."""
+    first = run(tmp_path, "epochs=1", "resume=auto")
+    again = run(tmp_path, "epochs=1", "resume=auto")
+    assert again["final"] == first["final"] and again["iterations"] == first["iterations"]
+    with pytest.raises(ConfigError, match="allowed: true, false, auto"):
+        run(tmp_path / "bad", "resume=maybe")

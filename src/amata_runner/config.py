@@ -260,7 +260,9 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"
     deterministic: bool = False
-    resume: bool = False
+    # true: continue last.ckpt; auto: continue it when there is one, else start (cluster
+    # requeues, which rerun the same command line); false: refuse to touch an existing run.
+    resume: Any = False
     progress: bool | None = None
     save_best: bool = True
     # Free-form blocks of experiment configs (conf/experiment): the published numbers a run is
@@ -365,6 +367,12 @@ def _check_run(cfg: DictConfig) -> None:
     )
     one_of(cfg, "precision", PRECISIONS)
     one_of(cfg, "nonfinite", NONFINITE_MODES)
+    require(
+        cfg.resume in (True, False, "auto"),
+        "resume",
+        cfg.resume,
+        "allowed: true, false, auto (continue when a checkpoint exists)",
+    )
     device = str(cfg.device)
     require(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None,

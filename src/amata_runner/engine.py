@@ -279,7 +279,7 @@ class Trainer:
     def _restore(self) -> bool:
         """Load the newest good checkpoint when resuming; refuse to overwrite a run otherwise."""
         path = self.run_dir / LAST
-        if not self.cfg.resume:
+        if self.cfg.resume is False:
             if path.exists():
                 raise ConfigError(
                     "resume",
