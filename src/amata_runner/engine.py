@@ -16,6 +16,7 @@ schedule anneals (``Schedule.at``); it owns time, bookkeeping and files:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -42,6 +43,7 @@ from amata_runner.checkpoint import (
 from amata_runner.clock import TrainClock
 from amata_runner.criterion import CriterionProbe, summarise_criterion
 from amata_runner.data import ImageSet, eval_batches, eval_subset, load_splits, make_train_loader
+from amata_runner.distributed import from_env, init_process_group
 from amata_runner.errors import ConfigError
 from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
 from amata_runner.interrupts import Preempted, StopRequests
@@ -164,7 +166,17 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.job = from_env()
         self.device = select_device(cfg.device)
+        if self.job.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.job.local_rank)
+        init_process_group(self.job, self.device.type == "cuda")
+        if self.job.enabled and cfg.method.get("layer_one_milestones") is not None:
+            raise ConfigError(
+                "method.layer_one_milestones",
+                list(cfg.method.layer_one_milestones),
+                "null under torchrun (a second optimiser for layer one is not synchronised)",
+            )
         configure_backend(self.device, cfg.deterministic)
         seed_everything(cfg.seed)
 
@@ -182,15 +194,24 @@ class Trainer:
         subset = subset[: cfg.eval.subset].sort().values
         self.eval_images, self.eval_labels = eval_subset(test_set, subset, self.device)
         self.loader = make_train_loader(
-            train_set, cfg.dataset, cfg.batch_size, self.device, seed=cfg.seed
+            train_set,
+            cfg.dataset,
+            cfg.batch_size,
+            self.device,
+            seed=cfg.seed,
+            rank=self.job.rank,
+            world=self.job.world,
         )
 
         ds = cfg.dataset
         self.model = build_model_for(cfg, self.device)
+        self.job.broadcast_module(self.model)  # every rank starts from rank 0's weights
         self.skip_nonfinite = cfg.nonfinite == "skip"
         self.optimizer = GuardedSGD(
             self.model.parameters(),
             skip_nonfinite=self.skip_nonfinite,
+            job=self.job,
+            module=self.model,
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
@@ -209,6 +230,7 @@ class Trainer:
             num_classes=ds.num_classes,
             iters_per_epoch=len(self.loader),
             epochs=cfg.epochs,
+            job=self.job,
         )
         self.method: Method = build_method(cfg.method, context)
         self.epochs = self.method.epochs(cfg.epochs)
@@ -336,10 +358,16 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         resumed = self._restore()
         metrics = MetricsFile(
-            self.run_dir, keep_until_iteration=self.progress.iteration if resumed else None
+            self.run_dir,
+            keep_until_iteration=self.progress.iteration if resumed else None,
+            write=self.job.is_main,
         )
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        sinks = build_sinks(self.cfg, self.run_dir, resume_id=self.wandb_id, resolved=resolved)
+        sinks = (
+            build_sinks(self.cfg, self.run_dir, resume_id=self.wandb_id, resolved=resolved)
+            if self.job.is_main
+            else []
+        )
         for sink in sinks:
             self.wandb_id = sink.run_id or self.wandb_id
         bar = ProgressBar(
@@ -352,7 +380,8 @@ class Trainer:
             with self.stop:
                 self._train(metrics, sinks, bar)
             summary = self._summarise(metrics.rows)
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            if self.job.is_main:
+                write_json_atomic(self.run_dir / "summary.json", summary)
             for sink in sinks:
                 sink.summary(summary)
             return summary
@@ -385,7 +414,7 @@ class Trainer:
                 out = self.method.train_batch(batch, control)
                 if self.lr_per_iteration:
                     self.lr_scheduler.step()
-                n = batch.x.shape[0]
+                n = batch.x.shape[0] * self.job.world  # the global batch
                 self._add_loss(out.loss_sum)
                 self._correct += out.correct
                 self._seen += n
@@ -398,7 +427,7 @@ class Trainer:
                         epoch_float = epoch + (i + 1) / len(self.loader)
                         self._emit(self._row(epoch_float, control), metrics, sinks, bar)
                         last_row_iteration = self.progress.iteration
-                if self.stop.requested and i < last_batch:
+                if self._stop_requested() and i < last_batch:
                     self.clock.stop()
                     self._save_checkpoint(metrics)
                     raise Preempted(self.stop.signum or 0)
@@ -419,7 +448,7 @@ class Trainer:
             self._save_checkpoint(metrics)
             if stopping:
                 break
-            if self.stop.requested and not last_epoch:
+            if self._stop_requested() and not last_epoch:
                 raise Preempted(self.stop.signum or 0)
 
     def _add_loss(self, loss_sum: torch.Tensor) -> None:
@@ -431,9 +460,18 @@ class Trainer:
             self._finite &= finite
         self._loss_sum += loss_sum
 
+    def _stop_requested(self) -> bool:
+        """A stop signal reached this process (under torchrun: any rank; all stop together)."""
+        if self.job.enabled:
+            return self.job.any(self.stop.requested, self.device)
+        return self.stop.requested
+
     def _check_finite(self) -> None:
         """Stop (nonfinite=stop) before a poisoned model is evaluated or saved: one host sync."""
-        if not self.skip_nonfinite and not bool(self._finite.item()):
+        if self.skip_nonfinite:
+            return
+        bad = not bool(self._finite.item())
+        if self.job.any(bad, self.device):
             raise NonFiniteLoss(
                 f"the training loss became NaN or Inf before iteration {self.progress.iteration} "
                 f"(epoch {self.progress.epoch + 1}); the last good checkpoint in {self.run_dir} "
@@ -455,8 +493,8 @@ class Trainer:
             "iteration": self.progress.iteration,
             "examples": self.progress.examples,
             "train_seconds": self.clock.seconds,
-            "forward_passes": self.counter.forward,
-            "backward_passes": self.counter.backward,
+            "forward_passes": self.counter.forward * self.job.world,
+            "backward_passes": self.counter.backward * self.job.world,
             **self.method.knobs(control),
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
@@ -496,6 +534,8 @@ class Trainer:
     def _save_checkpoint(self, metrics: MetricsFile) -> None:
         self._check_finite()
         self.progress.skipped_steps = self.optimizer.skipped
+        if not self.job.is_main:
+            return
         save_atomic(self._checkpoint_state(), self.run_dir / LAST, keep_previous=True)
         if self.cfg.save_best and self._best_pending:
             copy_atomic(self.run_dir / LAST, self.run_dir / BEST)
@@ -503,6 +543,17 @@ class Trainer:
         metrics.write_csv()
 
     # ------------------------------------------------------------------ summary
+    def _ranks_agree(self) -> bool:
+        """Every rank holds bit-identical parameters and buffers (a hash per rank, compared)."""
+        import torch.distributed as dist
+
+        digest = hashlib.sha256()
+        for tensor in self.model.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        hashes: list[Any] = [None] * self.job.world
+        dist.all_gather_object(hashes, digest.hexdigest())
+        return len(set(hashes)) == 1
+
     def _final_evaluation(self) -> dict[str, Any]:
         """Clean accuracy and each of ``eval.final_attacks`` on the whole test set (fp32)."""
         names = ["clean", *(n for n in self.cfg.eval.final_attacks if n != "clean")]
@@ -547,8 +598,8 @@ class Trainer:
             "iterations": self.progress.iteration,
             "examples": self.progress.examples,
             "train_seconds": self.clock.seconds,
-            "forward_passes": self.counter.forward,
-            "backward_passes": self.counter.backward,
+            "forward_passes": self.counter.forward * self.job.world,
+            "backward_passes": self.counter.backward * self.job.world,
             "skipped_steps": self.optimizer.skipped,
             "best": {
                 "robust_accuracy": self.progress.best_robust_accuracy,
@@ -561,6 +612,11 @@ class Trainer:
                 **time_to_targets(rows, "clean_error", list(cfg.eval.target_clean_errors)),
             },
         }
+        if self.job.enabled:
+            summary["distributed"] = {
+                "world_size": self.job.world,
+                "parameters_identical": self._ranks_agree(),
+            }
         criterion = summarise_criterion(rows)
         if criterion is not None:
             summary["criterion"] = criterion

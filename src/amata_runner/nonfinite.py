@@ -16,6 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+
+from amata_runner.distributed import Dist
 
 
 class NonFiniteLoss(RuntimeError):
@@ -23,12 +26,27 @@ class NonFiniteLoss(RuntimeError):
 
 
 class GuardedSGD(torch.optim.SGD):
-    """SGD that, with ``skip_nonfinite``, drops a step whose gradients hold a NaN or Inf."""
+    """SGD that, with ``skip_nonfinite``, drops a step whose gradients hold a NaN or Inf.
 
-    def __init__(self, params: Any, *, skip_nonfinite: bool = False, **kwargs: Any) -> None:
+    Under ``torchrun`` (``job.enabled``) it is also where data parallelism happens: gradients are
+    averaged over ranks before the step and ``module``'s buffers broadcast from rank 0 after it
+    (see distributed.py for why not DDP's wrapper).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        *,
+        skip_nonfinite: bool = False,
+        job: Dist | None = None,
+        module: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(params, **kwargs)
         self.skip_nonfinite = skip_nonfinite
         self.skipped = 0
+        self.job = job or Dist()
+        self.module = module
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -37,8 +55,13 @@ class GuardedSGD(torch.optim.SGD):
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all().item())
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        if self.skip_nonfinite and not self._grads_finite():
+        if self.job.enabled:
+            self.job.average_gradients([p for g in self.param_groups for p in g["params"]])
+        if self.skip_nonfinite and not self._grads_finite():  # averaged: every rank agrees
             self.skipped += 1
             self.zero_grad(set_to_none=True)
             return None
-        return super().step(closure)
+        result = super().step(closure)
+        if self.job.enabled and self.module is not None:
+            self.job.broadcast_module(self.module, parameters=False)
+        return result

@@ -15,8 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from amata_runner.config import resolve_config
@@ -37,7 +38,20 @@ _INSPECT_FLAGS = (
 )
 
 
-def job_overrides(argv: list[str]) -> list[list[str]] | None:
+def experiment_grid(conf_dir: str, parsed: list[Override]) -> list[str]:
+    """The grid a config itself declares (``hydra.sweeper.params``, as the experiments do),
+    which Hydra's sweeper puts before the command line's own overrides."""
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and o.input_line]
+    with initialize_config_dir(version_base="1.3", config_dir=conf_dir, job_name="preflight"):
+        try:
+            cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+        except Exception:
+            return []  # the per-job checks report the composition error
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def job_overrides(argv: list[str], conf_dir: str | None = None) -> list[list[str]] | None:
     """The override list of every job the command line would run, or None to leave it to Hydra."""
     try:
         args = get_args_parser().parse_args(argv)
@@ -50,6 +64,11 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
     except HydraException as exc:
         raise ConfigError("override", " ".join(args.overrides), _first_line(exc)) from exc
     if args.multirun:
+        if conf_dir is not None:
+            grid = experiment_grid(conf_dir, parsed)
+            if grid:
+                lines = grid + list(args.overrides)
+                parsed = OverridesParser.create().parse_overrides(lines)
         return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     if any(o.is_sweep_override() for o in parsed):
         return None  # Hydra explains that sweeps need -m
@@ -114,7 +133,7 @@ def check_model_fits(cfg: DictConfig) -> None:
 
 
 def preflight(argv: list[str], conf_dir: str) -> None:
-    jobs = job_overrides(argv)
+    jobs = job_overrides(argv, conf_dir)
     for overrides in jobs or []:
         check_job(conf_dir, overrides)
 

@@ -7,8 +7,11 @@ exit status 2, and nothing written under outputs/.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from amata_runner.cli import config_dir
 from amata_runner.cli.preflight import preflight
 from amata_runner.config import register_schemas, resolve_config
 from amata_runner.data import check_available
+from amata_runner.distributed import from_env, init_process_group
 from amata_runner.errors import ConfigError, StorageError
 from amata_runner.interrupts import PREEMPTED_EXIT, ForcedStop, Preempted
 from amata_runner.nonfinite import NonFiniteLoss
@@ -30,7 +34,11 @@ register_schemas()
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
-    """status.json marks each job running / completed / failed, so a sweep records every job."""
+    """status.json marks each job running / completed / failed, so a sweep records every job.
+
+    Under torchrun only rank 0 writes it."""
+    if not from_env().is_main:
+        return
     payload: dict[str, Any] = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if error is not None:
         payload["error"] = error
@@ -46,11 +54,16 @@ def _task(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job = from_env()
+    if job.enabled:  # every rank works in rank 0's run directory (only rank 0 writes to it)
+        init_process_group(job, use_cuda=cfg.device != "cpu" and _cuda_available())
+        run_dir = Path(job.broadcast_text(str(run_dir) if job.is_main else None))
     write_status(run_dir, "running")
     try:
         resolved = resolve_config(cfg)
         check_available(resolved.dataset)
-        OmegaConf.save(resolved, run_dir / "config_resolved.yaml")
+        if job.is_main:
+            OmegaConf.save(resolved, run_dir / "config_resolved.yaml")
         summary = train(resolved, run_dir)
     except ConfigError as exc:
         write_status(run_dir, "failed", str(exc))
@@ -85,9 +98,33 @@ def _task(cfg: DictConfig) -> float | None:
     return float(summary["best"]["robust_accuracy"])
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _torchrun_setup(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks other than 0 let Hydra write into a scratch dir they delete at exit:
+    rank 0 alone creates the run directory (its path is broadcast once training starts)."""
+    job = from_env()
+    if not job.enabled:
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise ConfigError(
+            "--multirun", "-m", "one run per torchrun job: launch one torchrun per grid point"
+        )
+    if job.is_main:
+        return argv
+    scratch = tempfile.mkdtemp(prefix=f"amata-rank{job.rank}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [*argv, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def main() -> None:
     try:
         preflight(sys.argv[1:], config_dir())
+        sys.argv[1:] = _torchrun_setup(sys.argv[1:])
     except ConfigError as exc:
         print(f"amata-run: error: {exc}", file=sys.stderr)
         sys.exit(2)

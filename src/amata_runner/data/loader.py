@@ -123,8 +123,18 @@ class DeviceLoader:
         augment: str = "none",
         seed: int = 0,
         padding: int = 4,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         _check_args(batch_size, augment, padding)
+        if batch_size % world:
+            raise ConfigError(
+                "batch_size", batch_size, f"the global batch must divide into {world} processes"
+            )
+        # Under torchrun every rank draws the same global batches (same generator) and keeps its
+        # contiguous 1/world of each; the last, smaller batch is dropped so the slices are equal.
+        self.rank, self.world = rank, world
+        drop_last = drop_last or world > 1
         self.device = torch.device(device)
         # uint8 on the device: a quarter of the memory of a float copy; floats exist per batch only.
         self._images = data.images.to(self.device).contiguous()
@@ -155,10 +165,17 @@ class DeviceLoader:
         return torch.arange(n, device=self.device)
 
     def _batch(self, idx: torch.Tensor) -> Batch:
-        x = self._images.index_select(0, idx).to(torch.float32).div_(255.0)
         crop = None
-        if self.augment == "crop_flip":
-            crop = CropFlip.draw(x.shape[0], self.padding, self.generator, self.device)
+        if self.augment == "crop_flip":  # drawn for the global batch: every rank draws alike
+            crop = CropFlip.draw(idx.shape[0], self.padding, self.generator, self.device)
+        if self.world > 1:
+            part = idx.shape[0] // self.world
+            rows = slice(self.rank * part, (self.rank + 1) * part)
+            idx = idx[rows]
+            if crop is not None:
+                crop = CropFlip(crop.top[rows], crop.left[rows], crop.flip[rows], crop.padding)
+        x = self._images.index_select(0, idx).to(torch.float32).div_(255.0)
+        if crop is not None:
             x = crop.apply(x)
         return Batch(x, self._labels.index_select(0, idx), idx, crop)
 

@@ -108,13 +108,24 @@ def make_train_loader(
     device: torch.device | str,
     *,
     seed: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> DeviceLoader | StreamingLoader:
-    """The shuffled training loader for either kind of training split (``cfg``: cfg.dataset)."""
+    """The shuffled training loader for either kind of training split (``cfg``: cfg.dataset).
+
+    ``batch_size`` is the global batch; under torchrun (``world`` > 1) each rank loads its share.
+    """
     if isinstance(train_set, ImageFiles):
+        if batch_size % world:
+            raise ConfigError(
+                "batch_size", batch_size, f"the global batch must divide into {world} processes"
+            )
         return StreamingLoader(
             train_set,
-            batch_size,
+            batch_size // world,
             device,
+            rank=rank,
+            world_size=world,
             shuffle=True,
             drop_last=bool(cfg.drop_last),
             seed=seed,
@@ -131,6 +142,8 @@ def make_train_loader(
         drop_last=False,
         augment=cfg.augment,
         seed=seed,
+        rank=rank,
+        world=world,
     )
 
 

@@ -60,17 +60,23 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class MetricsFile:
     """Append-only metrics.jsonl with truncation to a checkpoint on resume."""
 
-    def __init__(self, run_dir: Path, *, keep_until_iteration: int | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, *, keep_until_iteration: int | None = None, write: bool = True
+    ) -> None:
+        """``write=False`` (torchrun ranks other than 0) keeps the rows in memory only."""
         self.path = run_dir / "metrics.jsonl"
         self.csv_path = run_dir / "metrics.csv"
+        self.write = write
         rows = read_rows(self.path)
         if keep_until_iteration is None:
             rows = []
         else:
             rows = [r for r in rows if r.get("iteration", 0) <= keep_until_iteration]
         self.rows = rows
-        self._rewrite()
-        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+        self._handle: Any = None
+        if write:
+            self._rewrite()
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
 
     def _rewrite(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -84,6 +90,9 @@ class MetricsFile:
     def log(self, row: dict[str, Any]) -> None:
         """Append one row as a single write; a failed write (full disk) is a StorageError."""
         line = json.dumps(row) + "\n"
+        if not self.write:
+            self.rows.append(row)
+            return
         try:
             self._handle.write(line)
             self._handle.flush()
@@ -98,7 +107,7 @@ class MetricsFile:
         self.rows.append(row)
 
     def write_csv(self) -> None:
-        if not self.rows:
+        if not self.rows or not self.write:
             return
         columns: list[str] = []
         for row in self.rows:
@@ -111,5 +120,5 @@ class MetricsFile:
         os.replace(tmp, self.csv_path)
 
     def close(self) -> None:
-        if not self._handle.closed:
+        if self._handle is not None and not self._handle.closed:
             self._handle.close()

@@ -122,6 +122,20 @@ class ATTA(Method):
         if (epoch + 1) % self.reset_period(control) == 0:
             self.reset_perturbations()
 
+    def share_rows(self, index: torch.Tensor) -> None:
+        """Copy every rank's freshly stored rows into every rank's buffer (one all-gather), so
+        the buffers stay identical however the next epoch shards the examples."""
+        import torch.distributed as dist
+
+        world = self.ctx.job.world
+        indices = [torch.empty_like(index) for _ in range(world)]
+        dist.all_gather(indices, index)
+        rows = self.delta.index_select(0, index)
+        gathered = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(gathered, rows)
+        for idx, values in zip(indices, gathered, strict=True):
+            self.delta.index_copy_(0, idx, values)
+
     def resume_epoch(self, epoch: int, control: Control | None) -> None:
         """Mid-epoch: any reset this epoch already happened and its result is in the state."""
         del epoch, control
@@ -157,6 +171,8 @@ class ATTA(Method):
         stored = self.delta.index_select(0, batch.index)
         delta = self.attack(batch.x, batch.y, self.to_batch_frame(stored, batch))
         self.delta.index_copy_(0, batch.index, self.to_stored_frame(delta, stored, batch))
+        if self.ctx.job.enabled:  # each rank trained on its shard: share what it stored
+            self.share_rows(batch.index)
         return self.train_step(batch.x + delta, batch.y)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amata_runner.data.loader import Batch
+from amata_runner.distributed import Dist
 from amata_runner.passes import PassCounter
 from amata_runner.schedules import Control
 
@@ -49,6 +50,7 @@ class TrainContext:
     num_classes: int
     iters_per_epoch: int
     epochs: int
+    job: Dist = field(default_factory=Dist)  # torchrun ranks (world 1: a single process)
 
 
 class Method(ABC):

@@ -143,7 +143,9 @@ class Fast(Method):
         """The reference's early stop: True (weights restored) when robust accuracy collapsed."""
         if not self.early_stop or self._first_batch is None:
             return False
-        accuracy = self.batch_robust_accuracy(*self._first_batch)
+        # Under torchrun every rank checks its own first batch; the mean makes them agree.
+        local = self.batch_robust_accuracy(*self._first_batch)
+        accuracy = self.ctx.job.mean(local, self.ctx.device)
         self._first_batch = None
         self._checked = accuracy
         if accuracy - self.prev_robust_acc < -self.early_stop_drop:

@@ -1,0 +1,133 @@
+"""Error-versus-cost curves: clean and robust error against train seconds and against passes.
+
+One colour per configuration; each seed's curve is smoothed the TensorBoard way (as the paper's
+figures are) and drawn thin, and their mean on a common grid over the span all seeds cover is
+drawn thick. matplotlib is imported here only, with the Agg backend, so the report's tables work
+without it and plotting never needs a display.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from amata_runner.report.sections import Section
+from amata_runner.report.smoothing import tensorboard_smooth
+
+X_AXES = {
+    "seconds": ("train_seconds", "train seconds"),
+    "passes": (None, "forward + backward passes"),
+}
+ERRORS = (("clean_error", "clean error"), ("robust_error", "robust error"))
+GRID_POINTS = 200
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "runs"
+
+
+def _x(row: dict[str, Any], axis: str) -> float | None:
+    if axis == "passes":
+        fwd, bwd = row.get("forward_passes"), row.get("backward_passes")
+        return None if fwd is None or bwd is None else float(fwd + bwd)
+    value = row.get("train_seconds")
+    return None if value is None else float(value)
+
+
+def curve(rows: list[dict[str, Any]], axis: str, metric: str, weight: float) -> tuple[Any, Any]:
+    """(x, smoothed y) of one run, in row order, skipping rows without the values."""
+    points = [(_x(r, axis), r.get(metric)) for r in rows]
+    points = [(x, y) for x, y in points if x is not None and isinstance(y, int | float)]
+    if not points:
+        return np.array([]), np.array([])
+    xs, ys = zip(*points, strict=True)
+    return np.asarray(xs, dtype=float), np.asarray(tensorboard_smooth(ys, weight), dtype=float)
+
+
+def mean_curve(curves: list[tuple[Any, Any]]) -> tuple[Any, Any] | None:
+    """Mean of several runs' curves.
+
+    Seeds of one configuration evaluate at the same points (epoch ends), so point i is averaged
+    over seeds, x and y alike; curves of different lengths are interpolated onto the x span every
+    one of them covers instead.
+    """
+    curves = [(x, y) for x, y in curves if len(x)]
+    if not curves:
+        return None
+    if len({len(x) for x, _ in curves}) == 1:
+        return np.mean([x for x, _ in curves], axis=0), np.mean([y for _, y in curves], axis=0)
+    low = max(float(x[0]) for x, _ in curves)
+    high = min(float(x[-1]) for x, _ in curves)
+    if high < low:
+        return None
+    grid = np.linspace(low, high, GRID_POINTS) if high > low else np.array([low])
+    return grid, np.mean([np.interp(grid, x, y) for x, y in curves], axis=0)
+
+
+def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
+    """Write ``<prefix>error_vs_seconds.png`` and ``<prefix>error_vs_passes.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    targets = _robust_targets(section)
+    for axis, (_, x_label) in X_AXES.items():
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+        drawn = False
+        for ax, (metric, y_label) in zip(axes[0], ERRORS, strict=True):
+            for index, config in enumerate(section.configs):
+                colour = f"C{index % 10}"
+                curves = [
+                    curve(run.rows, axis, metric, section.smoothing)
+                    for run in config.runs
+                    if run.rows
+                ]
+                for x, y in curves:
+                    if len(x) and len(curves) > 1:
+                        ax.plot(x, y, color=colour, linewidth=0.8, alpha=0.35, marker=".")
+                mean = mean_curve(curves)
+                if mean is not None:
+                    ax.plot(
+                        *mean,
+                        color=colour,
+                        linewidth=2.0,
+                        marker="o",
+                        markersize=3,
+                        label=config.row,
+                    )
+                    drawn = True
+            if metric == "robust_error":
+                for target in targets:
+                    ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.grid(alpha=0.3)
+        if drawn:
+            axes[0][1].legend(fontsize="small")
+        fig.suptitle(f"{section.title} (smoothing {section.smoothing:g})", fontsize="medium")
+        fig.tight_layout()
+        path = out_dir / f"{prefix}error_vs_{axis}.png"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)  # concurrent writers (a sweep's callbacks) never leave a torn file
+        written.append(path)
+    return written
+
+
+def _robust_targets(section: Section) -> list[float]:
+    found = []
+    for key in section.targets:
+        name, _, value = key.partition("<=")
+        if name == "robust_error":
+            try:
+                found.append(float(value))
+            except ValueError:
+                continue
+    return found
