@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amata_runner.attacks.pgd import frozen_parameters
+from amata_runner.attacks.pgd import frozen_parameters, pgd_linf
 from amata_runner.passes import PassCounter
 
 CW_L2_INITS = ("zero", "input", "random")
@@ -55,22 +55,18 @@ def cw_linf(
     counter: PassCounter | None = None,
 ) -> torch.Tensor:
     """PGD on the CW margin: x' in the L-inf ball of radius ``eps`` around x and in [0,1]."""
-    x = x.detach()
-    if random_start:
-        delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-        delta = (x + delta).clamp_(0.0, 1.0) - x
-    else:
-        delta = torch.zeros_like(x)
-    with frozen_parameters(model), torch.enable_grad():
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = cw_margin(model(x + delta), y, kappa).sum()
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() + step_size * grad.sign()).clamp_(-eps, eps)
-            delta = (x + delta).clamp_(0.0, 1.0) - x
-    if counter is not None:
-        counter.add(x.shape[0], forward=steps, backward=steps)
-    return (x + delta).detach()
+    return pgd_linf(
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        random_start=random_start,
+        generator=generator,
+        counter=counter,
+        loss_fn=lambda logits, labels: cw_margin(logits, labels, kappa).sum(),
+    )
 
 
 def cw_l2(

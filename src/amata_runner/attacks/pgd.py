@@ -11,7 +11,7 @@ Why it is written this way:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -51,6 +51,14 @@ def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
         model.train(was_training)
 
 
+def uniform_delta(
+    x: torch.Tensor, eps: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A perturbation drawn uniformly from the eps-ball, clipped so that x + delta is in [0,1]."""
+    delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+    return (x + delta).clamp_(0.0, 1.0) - x
+
+
 def pgd_linf(
     model: nn.Module,
     x: torch.Tensor,
@@ -62,23 +70,27 @@ def pgd_linf(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     counter: PassCounter | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Return x' with ||x' - x||_inf <= eps and x' in [0,1] that (approximately) maximises the loss.
+
+    The loss is the summed cross-entropy unless ``loss_fn(logits, y)`` (a scalar) replaces it
+    (CW-inf ascends the CW margin with the same steps).
 
     Start: x + U(-eps, eps) (or x itself), clipped to [0,1].  Step: x' <- clip_[0,1](clip_ball(
     x' + step_size * sign(grad_x' CE))).  The model's mode is used as given (see ``attack_mode``);
     parameters are frozen inside.  ``generator`` makes the random start reproducible (evaluation).
     """
     x = x.detach()
-    if random_start:
-        delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-        delta = (x + delta).clamp_(0.0, 1.0) - x
-    else:
-        delta = torch.zeros_like(x)
+    delta = uniform_delta(x, eps, generator) if random_start else torch.zeros_like(x)
     with frozen_parameters(model), torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            logits = model(x + delta)
+            if loss_fn is None:
+                loss = F.cross_entropy(logits, y, reduction="sum")
+            else:
+                loss = loss_fn(logits, y)
             (grad,) = torch.autograd.grad(loss, delta)
             delta = (delta.detach() + step_size * grad.sign()).clamp_(-eps, eps)
             delta = (x + delta).clamp_(0.0, 1.0) - x

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amata_runner.attacks.pgd import frozen_parameters
+from amata_runner.attacks.pgd import frozen_parameters, uniform_delta
 from amata_runner.passes import PassCounter
 
 
@@ -33,8 +33,7 @@ def _masked_pgd(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """One restart: uniform start in the ball (clipped to [0,1]), steps only on still-correct x."""
-    delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-    delta = (x + delta).clamp_(0.0, 1.0) - x
+    delta = uniform_delta(x, eps, generator)
     shape = (-1,) + (1,) * (x.dim() - 1)
     for _ in range(steps):
         delta.requires_grad_(True)
