@@ -312,7 +312,10 @@ class Trainer:
             return False
         latest = load_latest(self.run_dir, map_location=self.device)
         if latest is None:
-            log.warning("resume=true but %s has no %s: starting from scratch", self.run_dir, LAST)
+            if self.cfg.resume == "auto":
+                log.info("resume=auto: no checkpoint in %s yet, starting fresh", self.run_dir)
+            else:
+                log.warning("resume=true but %s has no %s: starting fresh", self.run_dir, LAST)
             return False
         state, path = latest
         _check_same_run(state.get("config", {}), OmegaConf.to_container(self.cfg, resolve=True))

@@ -147,6 +147,8 @@ def _missing_option(exc: MissingConfigException) -> ConfigError:
     missing = exc.missing_cfg_file or ""
     group, _, option = missing.rpartition("/")
     options = sorted(exc.options or [])
+    if group == "hydra/launcher" and not options:  # a preset built on a plugin not installed
+        return ConfigError(group, option, 'needs the cluster extra: pip install -e ".[cluster]"')
     if group and options:
         return ConfigError(group, option, "allowed: " + ", ".join(options))
     return ConfigError("config", missing, _first_line(exc))
