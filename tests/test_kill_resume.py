@@ -113,6 +113,7 @@ def kill_at_row(tmp_path: Path, reference: Path, row: int) -> None:
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_the_uninterrupted_run(
     tmp_path: Path, reference: Path
 ) -> None:
