@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class StopRequests:
     signals keep their previous behaviour and :attr:`signum` stays None.
     """
 
+    active: ClassVar[StopRequests | None] = None  # the one listening while training runs
+
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
@@ -53,6 +55,10 @@ class StopRequests:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    def request(self, signum: int) -> None:
+        """A stop asked for by other means than our own handlers (a launcher's requeue signal)."""
+        self._handle(signum, None)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -69,6 +75,7 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            StopRequests.active = self
         return self
 
     def __exit__(
@@ -80,3 +87,5 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if StopRequests.active is self:
+            StopRequests.active = None

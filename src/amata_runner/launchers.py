@@ -63,11 +63,10 @@ class RequeueSignal:
         signal.signal(self.signum, self._submitit_handler or signal.SIG_DFL)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
         self.received = True
-        runner = signal.getsignal(signal.SIGTERM)
-        if isinstance(getattr(runner, "__self__", None), StopRequests):
-            assert callable(runner)
-            runner(signum, frame)  # training: finish the step, checkpoint, exit 75
+        if StopRequests.active is not None:  # training: finish the step, checkpoint, exit 75
+            StopRequests.active.request(signum)
         else:
             self.requeue()
 
