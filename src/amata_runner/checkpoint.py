@@ -9,11 +9,18 @@ what the safe ``weights_only`` unpickler accepts; nothing is executed on load.
 ``last.prev.ckpt`` (a hard link, so there is never a moment without a complete ``last``). A ``last``
 that was truncated or damaged after it was written (a disk or copy fault, not our writes) is then
 not the end of the run: :func:`load_latest` warns and continues from the previous one.
+
+Each checkpoint carries a SHA-256 digest of its own contents (every tensor's bytes, dtype and
+shape, and every other value), checked on load: a flipped bit in the weights would otherwise load
+silently and change every number that follows. The state is serialised in memory and then written
+with plain file I/O, so a full disk is an ``OSError`` (ENOSPC) rather than an opaque serialiser
+error.
 """
 
 from __future__ import annotations
 
-import errno
+import hashlib
+import io
 import logging
 import os
 import shutil
@@ -22,13 +29,15 @@ from typing import Any
 
 import torch
 
-from amata_runner.errors import ConfigError, StorageError
+from amata_runner.errors import ConfigError
+from amata_runner.run_dir import storage_error
 
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 PREVIOUS = "last.prev.ckpt"
 BEST = "best.ckpt"
+CHECKSUM = "checksum"  # the key holding {"sha256": hex digest of everything else}
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -42,11 +51,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _storage_error(path: Path, exc: OSError) -> StorageError:
-    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    return StorageError(
-        exc.errno or 0, f"could not write {path}: {reason}; the previous file was kept intact"
-    )
+def _update_digest(digest: Any, value: Any) -> None:
+    """Feed ``value`` into ``digest`` in a canonical order (dict order is kept by torch.save)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            _update_digest(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _update_digest(digest, item)
+    else:
+        digest.update(f"V{value!r}".encode())
+
+
+def content_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents, its own checksum entry excluded."""
+    digest = hashlib.sha256()
+    _update_digest(digest, {k: v for k, v in state.items() if k != CHECKSUM})
+    return digest.hexdigest()
 
 
 def save_atomic(obj: dict[str, Any], path: Path, *, keep_previous: bool = False) -> None:
@@ -56,21 +84,27 @@ def save_atomic(obj: dict[str, Any], path: Path, *, keep_previous: bool = False)
     A failed write (e.g. a full disk) removes its temporary file and raises :class:`StorageError`;
     the existing checkpoint is untouched.
     """
+    buffer = io.BytesIO()
+    torch.save({**obj, CHECKSUM: {"sha256": content_digest(obj)}}, buffer)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            handle.write(buffer.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _storage_error(path, exc) from exc
+        raise storage_error(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if keep_previous and path.exists():
-        _keep_previous(path)
-    os.replace(tmp, path)
+    try:
+        if keep_previous and path.exists():
+            _keep_previous(path)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, exc) from exc
     _fsync_dir(path.parent)
 
 
@@ -88,20 +122,32 @@ def _keep_previous(path: Path) -> None:
 
 def copy_atomic(source: Path, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, exc) from exc
     _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely; an unreadable file is a one-line error naming it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as exc:
         raise ConfigError("ckpt", str(path), "no such checkpoint file") from exc
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("ckpt", str(path), f"unreadable checkpoint ({reason})") from exc
+    stored = state.get(CHECKSUM) if isinstance(state, dict) else None
+    if isinstance(stored, dict):  # checkpoints written before checksums existed have none
+        if stored.get("sha256") != content_digest(state):
+            raise ConfigError(
+                "ckpt", str(path), "damaged checkpoint (its contents do not match its checksum)"
+            )
+        del state[CHECKSUM]
+    return state
 
 
 def load_latest(

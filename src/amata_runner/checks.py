@@ -6,6 +6,7 @@ as the user would type it on the command line.
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 from typing import Any
@@ -48,10 +49,19 @@ def one_of(cfg: DictConfig, key: str, options: tuple[str, ...]) -> None:
 def positive_budget(cfg: DictConfig, key: str, upper: float | None = None) -> None:
     """Check a budget (eps, step size, tau) and store it back as a float, fractions resolved."""
     value = as_float(key, OmegaConf.select(cfg, key))
-    require(value > 0, key, value, "must be > 0")
+    require(math.isfinite(value) and value > 0, key, value, "must be a finite number > 0")
     if upper is not None:
         require(value <= upper, key, value, f"must be <= {upper} (pixel units, data in [0,1])")
     OmegaConf.update(cfg, key, value)
+
+
+def finite(cfg: DictConfig, key: str) -> None:
+    """A number that must be finite (inf/nan pass every range check written as a comparison)."""
+    value = OmegaConf.select(cfg, key)
+    values = list(value) if OmegaConf.is_list(value) else [value]
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+    shown = values if OmegaConf.is_list(value) else value
+    require(ok, key, shown, "must be finite (not inf or nan)")
 
 
 def at_least(cfg: DictConfig, key: str, low: int | float) -> None:

@@ -10,6 +10,7 @@ and what is allowed.  Budgets may be typed as fractions (``method.eps=8/255``), 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from amata_runner import method_configs
-from amata_runner.checks import at_least, at_most, one_of, positive_budget, require
+from amata_runner.checks import at_least, at_most, finite, one_of, positive_budget, require
 from amata_runner.criterion_config import CriterionConfig, check_criterion
 from amata_runner.errors import ConfigError
 
@@ -270,6 +271,8 @@ class RunConfig:
     paper: Any = None
     report: Any = None
     nonfinite: str = "stop"  # a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step
+    # nonfinite=skip fails the run once more than this fraction of its optimiser steps was refused
+    nonfinite_skip_limit: float = 0.1
 
 
 def register_schemas() -> None:
@@ -337,6 +340,16 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+# Facts about the built-in datasets, for checks made before any data is loaded.
+KNOWN_CLASS_COUNTS = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+DIGITS_IMAGES = 1797
+IN_MEMORY_IMAGES = {
+    "digits": DIGITS_IMAGES,
+    "mnist": 70_000,
+    "fashion_mnist": 70_000,
+    "cifar10": 60_000,
+}
+
 # Upper bounds that only catch typos (an extra zero or two): no real run comes near them.
 MAX_EPOCHS = 100_000
 MAX_BATCH = 1 << 20
@@ -367,6 +380,13 @@ def _check_run(cfg: DictConfig) -> None:
     )
     one_of(cfg, "precision", PRECISIONS)
     one_of(cfg, "nonfinite", NONFINITE_MODES)
+    limit = cfg.nonfinite_skip_limit
+    require(
+        isinstance(limit, (int, float)) and 0 <= limit <= 1,
+        "nonfinite_skip_limit",
+        limit,
+        "must be a fraction in [0, 1]",
+    )
     require(
         cfg.resume in (True, False, "auto"),
         "resume",
@@ -400,6 +420,7 @@ def _check_dataset(cfg: DictConfig) -> None:
     for stat in ("mean", "std"):
         values = cfg.dataset[stat]
         if values is not None:
+            finite(cfg, f"dataset.{stat}")
             require(
                 len(values) == cfg.dataset.channels,
                 f"dataset.{stat}",
@@ -412,9 +433,23 @@ def _check_dataset(cfg: DictConfig) -> None:
     positive_budget(cfg, "dataset.threat.eps", upper=1.0)
     positive_budget(cfg, "dataset.threat.step_size")
     at_least(cfg, "dataset.threat.steps", 1)
+    known_classes = KNOWN_CLASS_COUNTS.get(cfg.dataset.name)
+    require(
+        known_classes is None or cfg.dataset.num_classes == known_classes,
+        "dataset.num_classes",
+        cfg.dataset.num_classes,
+        f"{cfg.dataset.name} has {known_classes} classes",
+    )
     if cfg.dataset.name == "digits":
         fraction = cfg.dataset.test_fraction
-        require(0 < fraction < 1, "dataset.test_fraction", fraction, "must be in (0, 1)")
+        test = round(DIGITS_IMAGES * fraction) if 0 < fraction < 1 else 0
+        require(
+            0 < fraction < 1 and 1 <= test < DIGITS_IMAGES,
+            "dataset.test_fraction",
+            fraction,
+            f"must be in (0, 1) and leave at least one of the {DIGITS_IMAGES} digits on each side",
+        )
+    _check_memory(cfg)
     if cfg.dataset.name == "synthetic":
         at_least(cfg, "dataset.num_train", 1)
         at_least(cfg, "dataset.num_test", 1)
@@ -427,6 +462,38 @@ def _check_dataset(cfg: DictConfig) -> None:
             f"{ds.num_train + ds.num_test} images of {ds.channels}x{ds.image_size}x"
             f"{ds.image_size} need {size / 2**30:.0f} GiB; at most 64 GiB",
         )
+
+
+def _check_memory(cfg: DictConfig) -> None:
+    """Refuse image sizes whose data or single batch cannot fit in this machine's memory.
+
+    The small sets are decoded into host memory as uint8 at ``dataset.image_size`` before they
+    move to the device, and every set makes float32 batches of that size. The sum is compared
+    with the host's RAM: a lower bound on what the run needs, enough to catch a typo such as
+    image_size=20000 in a line instead of an allocation traceback."""
+    ds = cfg.dataset
+    pixels = ds.channels * ds.image_size**2
+    held = IN_MEMORY_IMAGES.get(ds.name)
+    if ds.name == "synthetic":
+        held = ds.num_train + ds.num_test
+    batch_bytes = max(cfg.batch_size, 1) * pixels * 4
+    need = (held or 0) * pixels + batch_bytes
+    available = _physical_memory()
+    if available is not None and need > available:
+        what = f"{held} images of" if held else "one batch of"
+        raise ConfigError(
+            "dataset.image_size",
+            ds.image_size,
+            f"{what} {ds.channels}x{ds.image_size}x{ds.image_size} need about "
+            f"{need / 2**30:.1f} GiB, more than this machine's {available / 2**30:.1f} GiB",
+        )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _check_method_and_schedule(cfg: DictConfig) -> None:
@@ -462,6 +529,8 @@ def _check_method_and_schedule(cfg: DictConfig) -> None:
 
 
 def _check_optim(cfg: DictConfig) -> None:
+    finite(cfg, "optim.lr")
+    finite(cfg, "optim.weight_decay")
     require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
     require(0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)")
     at_least(cfg, "optim.weight_decay", 0)

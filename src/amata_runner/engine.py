@@ -20,8 +20,9 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,20 @@ from amata_runner.logging.metrics import write_json_atomic
 from amata_runner.methods import Method, TrainContext, build_method
 from amata_runner.nonfinite import GuardedSGD, NonFiniteLoss
 from amata_runner.passes import PassCounter
+from amata_runner.run_dir import refuse_fresh_start_over_results, result_files
 from amata_runner.run_files import build_model_for
 from amata_runner.schedules import Control, Schedule
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+FINAL_EVAL_PARTIAL = "final_eval.partial.json"
 FINAL_EVAL_CHUNK = 4096  # test images decoded at once for the folder datasets' final evaluation
 # Settings that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = ("resume", "progress", "logger", "paths", "device", "nonfinite")
+# Settings a resumption may change on purpose: a learning-rate rescue after a NaN stop. The LR
+# schedule continues from where it was, scaled by new/old; the change is recorded in the summary.
+RESUME_CHANGEABLE_KEYS = ("optim.lr",)
 
 
 def select_device(name: str) -> torch.device:
@@ -135,6 +141,46 @@ def build_schedule(cfg: DictConfig, epochs: int, iters_per_epoch: int) -> Schedu
 
 
 @dataclass
+class Start:
+    """The checkpoint a resumed run continues from, loaded and checked before any write."""
+
+    state: dict[str, Any]
+    path: Path
+
+
+def prepare_start(cfg: DictConfig, run_dir: Path) -> Start | None:
+    """Decide how the run starts in ``run_dir`` without writing anything there.
+
+    A fresh start (``resume=false``) refuses a directory that holds any result of another run; a
+    resumption loads the newest good checkpoint and refuses one trained with other settings (or,
+    with no checkpoint at all, a directory holding a finished run). Raises :class:`ConfigError`.
+    """
+    if cfg.resume is False:
+        refuse_fresh_start_over_results(run_dir)
+        return None
+    latest = load_latest(run_dir, map_location="cpu")
+    if latest is None:
+        held = [
+            name for name in result_files(run_dir) if name not in ("metrics.jsonl", "metrics.csv")
+        ]
+        if held:
+            raise ConfigError(
+                "resume",
+                cfg.resume,
+                f"{run_dir} holds {', '.join(held)} but no checkpoint to continue from; choose a "
+                "fresh hydra.run.dir",
+            )
+        if cfg.resume == "auto":
+            log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
+        else:
+            log.warning("resume=true but %s has no %s: starting fresh", run_dir, LAST)
+        return None
+    state, path = latest
+    _check_same_run(state.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+    return Start(state=state, path=path)
+
+
+@dataclass
 class Progress:
     """Where the run is; saved in every checkpoint."""
 
@@ -146,6 +192,8 @@ class Progress:
     best_epoch: int = -1
     stopped_early: bool = False  # the method ended training (Fast's early stop)
     skipped_steps: int = 0  # optimiser steps refused for non-finite gradients (nonfinite=skip)
+    optimizer_steps: int = 0  # optimiser steps asked for, taken or refused
+    lr_changes: list[dict[str, Any]] = field(default_factory=list)  # rescues on resume
 
 
 _TARGET_FIELDS = ("train_seconds", "epoch", "iteration", "forward_passes", "backward_passes")
@@ -163,9 +211,18 @@ def time_to_targets(rows: list[dict[str, Any]], key: str, targets: list[float]) 
 class Trainer:
     """One run in one directory: build everything from the resolved config, then ``run()``."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        start: Start | None = None,
+        stop: StopRequests | None = None,
+    ) -> None:
+        """``start``: what :func:`prepare_start` found (computed here when not given); ``stop``:
+        the stop requests already listening for the whole job (amata-run's), if any."""
         self.cfg = cfg
         self.run_dir = run_dir
+        self.start = start if start is not None else prepare_start(cfg, run_dir)
         self.job = from_env()
         self.device = select_device(cfg.device)
         if self.job.enabled and self.device.type == "cuda":
@@ -252,8 +309,12 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._correct = torch.zeros((), dtype=torch.long, device=self.device)
         self._seen = 0
+        self._loss_seen = 0  # examples whose loss is in _loss_sum (fewer when steps are skipped)
+        self._last_loss_finite = True
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self.stop = StopRequests()
+        self.stop = stop if stop is not None else StopRequests()
+        self._last_saved: dict[str, int] | None = None  # progress at the newest checkpoint
+        self._checked_iteration = 0  # the loss was last known finite at this iteration
         self.wandb_id: str | None = None
         self.eval_attack = AttackSpec(**_attack_args(cfg.eval.attack))
         self.final_options = SuiteOptions(
@@ -294,31 +355,17 @@ class Trainer:
                 "loss_sum": self._loss_sum.item(),
                 "correct": int(self._correct.item()),
                 "seen": self._seen,
+                "loss_seen": self._loss_seen,
             },
             "wandb_id": self.wandb_id,
         }
 
     def _restore(self) -> bool:
-        """Load the newest good checkpoint when resuming; refuse to overwrite a run otherwise."""
-        path = self.run_dir / LAST
-        if self.cfg.resume is False:
-            if path.exists():
-                raise ConfigError(
-                    "resume",
-                    False,
-                    f"{self.run_dir} already holds a checkpoint; pass resume=true to continue it "
-                    "or choose a fresh hydra.run.dir",
-                )
+        """Continue from the checkpoint :func:`prepare_start` chose, if it chose one."""
+        if self.start is None:
             return False
-        latest = load_latest(self.run_dir, map_location=self.device)
-        if latest is None:
-            if self.cfg.resume == "auto":
-                log.info("resume=auto: no checkpoint in %s yet, starting fresh", self.run_dir)
-            else:
-                log.warning("resume=true but %s has no %s: starting fresh", self.run_dir, LAST)
-            return False
-        state, path = latest
-        _check_same_run(state.get("config", {}), OmegaConf.to_container(self.cfg, resolve=True))
+        state, path = self.start.state, self.start.path
+        self.start = None  # the state is consumed: do not keep a second copy of the weights
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -329,13 +376,18 @@ class Trainer:
         set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
         self.optimizer.skipped = self.progress.skipped_steps
+        self.optimizer.attempted = self.progress.optimizer_steps
+        self._rescale_lr(float(state["config"]["optim"]["lr"]))
         self.clock = TrainClock(self.device, elapsed=float(state["train_seconds"]))
         self.counter.load_state_dict(state["passes"])
         pending = state["since_last_row"]
         self._loss_sum.fill_(pending["loss_sum"])
         self._correct.fill_(pending["correct"])
         self._seen = int(pending["seen"])
+        self._loss_seen = int(pending.get("loss_seen", pending["seen"]))
         self.wandb_id = state.get("wandb_id")
+        self._last_saved = {k: self.progress.__dict__[k] for k in ("epoch", "batch", "iteration")}
+        self._checked_iteration = self.progress.iteration
         log.info(
             "resumed %s from %s at epoch %d, batch %d",
             self.run_dir,
@@ -344,6 +396,32 @@ class Trainer:
             self.progress.batch,
         )
         return True
+
+    def _rescale_lr(self, saved_lr: float) -> None:
+        """A resumption asked for another optim.lr: continue the LR schedule scaled by new/old."""
+        new_lr = float(self.cfg.optim.lr)
+        if new_lr == saved_lr:
+            return
+        ratio = new_lr / saved_lr
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        scheduler = self.lr_scheduler
+        scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+        if hasattr(scheduler, "max_lrs"):  # CyclicLR's peak is optim.lr
+            scheduler.max_lrs = [lr * ratio for lr in scheduler.max_lrs]
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        change = {"iteration": self.progress.iteration, "from": saved_lr, "to": new_lr}
+        self.progress.lr_changes.append(change)
+        log.warning(
+            "optim.lr changed on resume from %g to %g at iteration %d: the LR schedule continues, "
+            "scaled by %g",
+            saved_lr,
+            new_lr,
+            self.progress.iteration,
+            ratio,
+        )
 
     def _evaluate(
         self, images: torch.Tensor, labels: torch.Tensor, attack: AttackSpec
@@ -379,10 +457,13 @@ class Trainer:
             enabled=self.cfg.progress,
             desc=str(self.cfg.name),
         )
+        listening = nullcontext() if self.stop.installed else self.stop
         try:
-            with self.stop:
+            with listening:
+                if self._stop_requested():  # a signal during start-up: nothing trained yet
+                    raise Preempted(self.stop.signum or 0, "during start-up, before training")
                 self._train(metrics, sinks, bar)
-            summary = self._summarise(metrics.rows)
+                summary = self._summarise(metrics.rows)
             if self.job.is_main:
                 write_json_atomic(self.run_dir / "summary.json", summary)
             for sink in sinks:
@@ -421,6 +502,8 @@ class Trainer:
                 self._add_loss(out.loss_sum)
                 self._correct += out.correct
                 self._seen += n
+                if self._last_loss_finite:
+                    self._loss_seen += n
                 self.progress.iteration += 1
                 self.progress.batch = i + 1
                 self.progress.examples += n
@@ -457,7 +540,8 @@ class Trainer:
     def _add_loss(self, loss_sum: torch.Tensor) -> None:
         """Sum the batch loss on the device; remember (without a sync) whether it was finite."""
         finite = torch.isfinite(loss_sum)
-        if self.skip_nonfinite:  # the step was refused; keep the running loss readable
+        if self.skip_nonfinite:  # the step was refused: its loss is not part of the mean
+            self._last_loss_finite = bool(finite.item())  # skip mode syncs per step anyway
             loss_sum = torch.where(finite, loss_sum, torch.zeros_like(loss_sum))
         else:
             self._finite &= finite
@@ -470,26 +554,61 @@ class Trainer:
         return self.stop.requested
 
     def _check_finite(self) -> None:
-        """Stop (nonfinite=stop) before a poisoned model is evaluated or saved: one host sync."""
+        """Stop (nonfinite=stop) before a poisoned model is evaluated or saved.
+
+        Two host syncs, at evaluation points and checkpoints only: the flag folded from every
+        batch's loss, and the weights and optimiser state themselves (an update can poison them
+        while the loss that produced it was still finite). nonfinite=skip checks the fraction of
+        refused steps instead."""
         if self.skip_nonfinite:
+            self._check_skipped()
             return
-        bad = not bool(self._finite.item())
-        if self.job.any(bad, self.device):
+        bad_loss = not bool(self._finite.item())
+        bad_weights = not _all_finite(self.model, self.optimizer)
+        if self.job.any(bad_loss or bad_weights, self.device):
+            what = "the training loss" if bad_loss else "the weights"
             raise NonFiniteLoss(
-                f"the training loss became NaN or Inf before iteration {self.progress.iteration} "
-                f"(epoch {self.progress.epoch + 1}); the last good checkpoint in {self.run_dir} "
-                "was kept: resume from it with a smaller optim.lr, or set nonfinite=skip"
+                f"{what} became NaN or Inf between iteration {self._checked_iteration} and "
+                f"iteration {self.progress.iteration} (epoch {self.progress.epoch + 1}); "
+                f"{self._kept_checkpoint()}"
+            )
+        self._checked_iteration = self.progress.iteration
+
+    def _kept_checkpoint(self) -> str:
+        """What the user can resume from after a NaN stop, said exactly."""
+        if self._last_saved is None:
+            return (
+                "no checkpoint had been written yet, so nothing was saved: start again with a "
+                "smaller optim.lr, or set nonfinite=skip"
+            )
+        at = self._last_saved
+        where = f"epoch {at['epoch']}" + (f", batch {at['batch']}" if at["batch"] else "")
+        return (
+            f"nothing poisoned was saved; {self.run_dir / LAST} (iteration {at['iteration']}, "
+            f"after {where}) is the last good checkpoint: continue it with resume=true and a "
+            "smaller optim.lr (the one setting a resumption may change), or set nonfinite=skip"
+        )
+
+    def _check_skipped(self) -> None:
+        """nonfinite=skip: a run that refuses most of its steps is not training; fail it."""
+        attempted, skipped = self.optimizer.attempted, self.optimizer.skipped
+        limit = float(self.cfg.nonfinite_skip_limit)
+        if attempted and skipped / attempted > limit:
+            raise NonFiniteLoss(
+                f"nonfinite=skip refused {skipped} of {attempted} optimiser steps "
+                f"({skipped / attempted:.0%}), more than nonfinite_skip_limit={limit:g}: the run "
+                f"is not training; {self._kept_checkpoint()}"
             )
 
     def _row(self, epoch: float, control: Control | None) -> dict[str, Any]:
         """Evaluate and build one metrics row; resets the since-last-row training sums."""
         self._check_finite()
-        seen = self._seen
-        train_loss = self._loss_sum.item() / seen if seen else None
+        seen, loss_seen = self._seen, self._loss_seen
+        train_loss = self._loss_sum.item() / loss_seen if loss_seen else None
         train_error = 1.0 - self._correct.item() / seen if seen else None
         self._loss_sum.zero_()
         self._correct.zero_()
-        self._seen = 0
+        self._seen = self._loss_seen = 0
         result = self._evaluate(self.eval_images, self.eval_labels, self.eval_attack)
         row: dict[str, Any] = {
             "epoch": round(epoch, 6),
@@ -512,6 +631,7 @@ class Trainer:
             row.update(self.schedule.metrics())
         if self.skip_nonfinite:
             row["skipped_steps"] = self.optimizer.skipped
+            row["skipped_fraction"] = self.optimizer.skipped / max(self.optimizer.attempted, 1)
         if self.criterion is not None and control is not None and self._criterion_due(epoch):
             row.update(self.criterion.measure(self.model, control.steps, control.step_size))
         if result.robust_accuracy > self.progress.best_robust_accuracy:
@@ -537,13 +657,18 @@ class Trainer:
     def _save_checkpoint(self, metrics: MetricsFile) -> None:
         self._check_finite()
         self.progress.skipped_steps = self.optimizer.skipped
+        self.progress.optimizer_steps = self.optimizer.attempted
         if not self.job.is_main:
             return
-        save_atomic(self._checkpoint_state(), self.run_dir / LAST, keep_previous=True)
-        if self.cfg.save_best and self._best_pending:
-            copy_atomic(self.run_dir / LAST, self.run_dir / BEST)
-            self._best_pending = False
-        metrics.write_csv()
+        with self.stop.deferred():  # a second signal lets the write finish first
+            save_atomic(self._checkpoint_state(), self.run_dir / LAST, keep_previous=True)
+            self._last_saved = {
+                k: self.progress.__dict__[k] for k in ("epoch", "batch", "iteration")
+            }
+            if self.cfg.save_best and self._best_pending:
+                copy_atomic(self.run_dir / LAST, self.run_dir / BEST)
+                self._best_pending = False
+            metrics.write_csv()
 
     # ------------------------------------------------------------------ summary
     def _ranks_agree(self) -> bool:
@@ -562,8 +687,16 @@ class Trainer:
         names = ["clean", *(n for n in self.cfg.eval.final_attacks if n != "clean")]
         # Small sets are one chunk already on the device; folder sets are decoded in chunks.
         chunk = len(self.test_set) if isinstance(self.test_set, ImageSet) else FINAL_EVAL_CHUNK
+        store = FinalEvalStore(
+            self.run_dir / FINAL_EVAL_PARTIAL,
+            self.progress.iteration,
+            self.stop,
+            self._stop_requested,
+            write=self.job.is_main,
+        )
         parts, offset = [], 0
         for images, labels in eval_batches(self.test_set, chunk, self.device):
+            store.offset = offset
             parts.append(
                 run_suite(
                     self.model,
@@ -574,9 +707,11 @@ class Trainer:
                     batch_size=self.cfg.eval.batch_size,
                     seed=self.cfg.eval.seed,
                     offset=offset,
+                    store=store,
                 )
             )
             offset += int(labels.shape[0])
+        store.discard()
         results = {name: merge_results([part[name] for part in parts]) for name in names}
         robust = {name: r for name, r in results.items() if name != "clean"}
         return {
@@ -604,6 +739,8 @@ class Trainer:
             "forward_passes": self.counter.forward * self.job.world,
             "backward_passes": self.counter.backward * self.job.world,
             "skipped_steps": self.optimizer.skipped,
+            "skipped_fraction": self.optimizer.skipped / max(self.optimizer.attempted, 1),
+            "lr_changes": self.progress.lr_changes,
             "best": {
                 "robust_accuracy": self.progress.best_robust_accuracy,
                 "epoch": self.progress.best_epoch,
@@ -626,6 +763,69 @@ class Trainer:
         if cfg.eval.final:
             summary["final"] = self._final_evaluation()
         return summary
+
+
+class FinalEvalStore:
+    """The final evaluation's per-batch progress, so a stop signal during it loses nothing.
+
+    After every batch the counts so far are written to ``final_eval.partial.json`` (atomically);
+    then, if a stop was requested, the run ends as preempted. ``resume=true`` reloads the last
+    checkpoint (training is complete), and the suite continues each attack at the batch where it
+    stopped: every batch is seeded on its own, so the result equals an uninterrupted one. Entries
+    belong to one model (the checkpoint's iteration); others are ignored.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        iteration: int,
+        stop: StopRequests,
+        should_stop: Callable[[], bool],
+        *,
+        write: bool,
+    ) -> None:
+        self.path, self.iteration, self.write = path, iteration, write
+        self.stop, self.should_stop = stop, should_stop
+        self.offset = 0
+        saved = _read_json(path) if write else None
+        ok = isinstance(saved, dict) and saved.get("iteration") == iteration
+        self.partial: dict[str, Any] = saved["partial"] if ok else {}
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        return self.partial.get(f"{self.offset}:{name}")
+
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        self.partial[f"{self.offset}:{name}"] = state
+        if self.write:
+            with self.stop.deferred():
+                write_json_atomic(self.path, {"iteration": self.iteration, "partial": self.partial})
+        if self.should_stop():
+            raise Preempted(
+                self.stop.signum or 0,
+                "during the final evaluation (training is complete and saved; the evaluation "
+                "continues where it stopped)",
+            )
+
+    def discard(self) -> None:
+        if self.write:
+            self.path.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _all_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Every parameter, buffer and optimiser-state tensor is finite (one host sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    for state in optimizer.state.values():
+        tensors += [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all().item())
 
 
 def _attack_args(cfg: DictConfig) -> dict[str, Any]:
@@ -651,7 +851,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
     def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
         flat = _flatten(cfg)
-        return {k: v for k, v in flat.items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+        return {
+            k: v
+            for k, v in flat.items()
+            if k.split(".")[0] not in RESUME_FREE_KEYS and k not in RESUME_CHANGEABLE_KEYS
+        }
 
     old, new = comparable(saved), comparable(current)
     diffs = [
@@ -667,6 +871,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
         )
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    start: Start | None = None,
+    stop: StopRequests | None = None,
+) -> dict[str, Any]:
     """Train the configured run in ``run_dir`` (resolved config) and return its summary."""
-    return Trainer(cfg, run_dir).run()
+    return Trainer(cfg, run_dir, start=start, stop=stop).run()

@@ -21,3 +21,6 @@ class ConfigError(ValueError):
 
 class StorageError(OSError):
     """Writing a run file failed (a full disk, a quota, a vanished mount); nothing was replaced."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()

@@ -5,7 +5,12 @@ kills a job) and people press Ctrl-C. The first signal only sets a flag; the tra
 between steps (a host-side bool, no device sync), finishes the step it is in, writes a checkpoint,
 flushes its files and exits with :data:`PREEMPTED_EXIT`, so ``resume=true`` continues exactly. A
 second signal means "now": :class:`ForcedStop` is raised at once; every file the runner writes is
-replaced atomically, so stopping anywhere leaves the previous complete version in place.
+replaced atomically, so stopping anywhere leaves the previous complete version in place. Only
+inside :meth:`StopRequests.deferred` (a checkpoint being written) does "now" wait for the write to
+finish, so the run never ends with a half-written checkpoint as its newest state.
+
+``amata-run`` installs the handlers for the whole life of a job, not only around the training
+loop: a signal during start-up or during the final evaluation is a stop request like any other.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any, ClassVar
 
@@ -25,10 +32,10 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signa
 class Preempted(Exception):
     """Training stopped on a signal after its checkpoint was written."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, what: str = "after saving a checkpoint") -> None:
         self.signum = signum
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after saving a checkpoint; rerun with resume=true")
+        name = signal.Signals(signum).name if signum else "a stop request"
+        super().__init__(f"stopped by {name} {what}; rerun with resume=true")
 
 
 class ForcedStop(BaseException):
@@ -51,6 +58,13 @@ class StopRequests:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._deferring = False
+        self._forced: int | None = None  # a second signal that arrived while deferring
+
+    @property
+    def installed(self) -> bool:
+        """Its handlers are the ones listening now."""
+        return StopRequests.active is self
 
     @property
     def requested(self) -> bool:
@@ -63,6 +77,9 @@ class StopRequests:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
         if self.signum is not None:
+            if self._deferring:
+                self._forced = signum
+                return
             raise ForcedStop(signum)
         self.signum = signum
         log.warning(
@@ -70,6 +87,18 @@ class StopRequests:
             "(send it again to stop at once)",
             signal.Signals(signum).name,
         )
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A second signal waits until the block (a file being written) has finished."""
+        outer = self._deferring
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = outer
+        if not outer and self._forced is not None:
+            raise ForcedStop(self._forced)
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

@@ -45,6 +45,7 @@ class GuardedSGD(torch.optim.SGD):
         super().__init__(params, **kwargs)
         self.skip_nonfinite = skip_nonfinite
         self.skipped = 0
+        self.attempted = 0  # steps asked for (taken + skipped)
         self.job = job or Dist()
         self.module = module
 
@@ -57,6 +58,7 @@ class GuardedSGD(torch.optim.SGD):
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         if self.job.enabled:
             self.job.average_gradients([p for g in self.param_groups for p in g["params"]])
+        self.attempted += 1
         if self.skip_nonfinite and not self._grads_finite():  # averaged: every rank agrees
             self.skipped += 1
             self.zero_grad(set_to_none=True)

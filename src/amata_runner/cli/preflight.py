@@ -9,6 +9,7 @@ inspect (``--help``, ``--cfg``, ``--info``) or change where configs come from ar
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -95,10 +96,10 @@ def check_job(conf_dir: str, overrides: list[str]) -> None:
 
 
 def check_writable(key: str, path: str) -> None:
-    """The directory can be created and written, judged without creating anything.
+    """The directory can be created and written (a probe directory is made and removed at once).
 
-    Walks up to the nearest existing ancestor: it must be a directory, writable, and not on a
-    read-only file system.
+    Walks up to the nearest existing ancestor: it must be a directory, writable, not on a read-only
+    file system, and a directory must really be creatable in it (created and removed at once).
     """
     target = Path(path).expanduser().absolute()
     existing = target
@@ -111,6 +112,13 @@ def check_writable(key: str, path: str) -> None:
         raise ConfigError(
             key, path, f"{existing} is not writable: choose a directory you can write"
         )
+    try:  # permissions can say yes where the file system says no (/proc, a full disk, a quota)
+        os.rmdir(tempfile.mkdtemp(prefix=".amata-write-check-", dir=existing))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            key, path, f"cannot create a directory in {existing} ({reason}): choose another path"
+        ) from exc
 
 
 def check_model_fits(cfg: DictConfig) -> None:

@@ -8,13 +8,11 @@ exit status 2, and nothing written under outputs/.
 from __future__ import annotations
 
 import atexit
-import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,30 +25,84 @@ from amata_runner.config import register_schemas, resolve_config
 from amata_runner.data import check_available
 from amata_runner.distributed import from_env, init_process_group
 from amata_runner.errors import ConfigError, StorageError
-from amata_runner.interrupts import PREEMPTED_EXIT, ForcedStop, Preempted
+from amata_runner.interrupts import PREEMPTED_EXIT, ForcedStop, Preempted, StopRequests
 from amata_runner.nonfinite import NonFiniteLoss
+from amata_runner.run_dir import (
+    RunDirBusy,
+    RunLock,
+    read_status,
+    result_files,
+    storage_error,
+    write_status,
+)
+
+HYDRA_SUBDIR = ".hydra"
 
 register_schemas()
 
 
-def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
-    """status.json marks each job running / completed / failed, so a sweep records every job.
-
-    Under torchrun only rank 0 writes it."""
+def _record(run_dir: Path, status: str, error: str | None = None, *, quiet: bool = False) -> None:
+    """status.json marks each job running / completed / preempted / interrupted / failed, so a
+    sweep records every job. Under torchrun only rank 0 writes it. A failure to write it (a full
+    disk that even an in-place rewrite cannot use) is said, not raised: the job's own outcome is
+    the message that matters."""
     if not from_env().is_main:
         return
-    payload: dict[str, Any] = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if error is not None:
-        payload["error"] = error
-    tmp = run_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / "status.json")
+    try:
+        write_status(run_dir, status, error)
+    except StorageError as exc:
+        if not quiet:  # quiet: the job's own error already says the disk failed
+            print(f"amata-run: warning: {exc}", file=sys.stderr)
+
+
+def _write_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """What Hydra would write to ``.hydra/`` (composed config, Hydra's config, overrides); written
+    here, once the run directory is ours and the start is accepted, so a refused start changes no
+    file (conf/hydra/default.yaml sets ``output_subdir: null``)."""
+    hydra_cfg = HydraConfig.instance().cfg
+    files = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    }
+    out = run_dir / HYDRA_SUBDIR
+    try:
+        out.mkdir(exist_ok=True)
+        for name, text in files.items():
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(out / name)
+    except OSError as exc:
+        raise storage_error(out, exc, "nothing else was changed") from exc
+
+
+def _save_resolved(run_dir: Path, resolved: DictConfig) -> None:
+    path = run_dir / "config_resolved.yaml"
+    tmp = run_dir / ".config_resolved.yaml.tmp"
+    try:
+        tmp.write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, exc) from exc
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _task(cfg: DictConfig) -> float | None:
-    from amata_runner.engine import train  # torch-heavy: not needed for --help / --cfg
+    # Stop signals are requests for the whole life of the job (start-up, training, evaluation).
+    with StopRequests() as stop:
+        return _job(cfg, stop)
 
+
+def _fail(message: str, code: int, multirun: bool, exc: BaseException) -> NoReturn:
+    """One line and an exit status; in a grid the job fails and the sweep goes on."""
+    if multirun and not isinstance(exc, (Preempted, ForcedStop)):
+        raise exc
+    print(f"amata-run: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _job(cfg: DictConfig, stop: StopRequests) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -58,40 +110,64 @@ def _task(cfg: DictConfig) -> float | None:
     if job.enabled:  # every rank works in rank 0's run directory (only rank 0 writes to it)
         init_process_group(job, use_cuda=cfg.device != "cpu" and _cuda_available())
         run_dir = Path(job.broadcast_text(str(run_dir) if job.is_main else None))
-    write_status(run_dir, "running")
+    lock = RunLock(run_dir)
+    try:
+        if job.is_main:
+            lock.acquire()
+    except (RunDirBusy, StorageError) as exc:
+        _fail(f"error: {exc}", 2 if isinstance(exc, RunDirBusy) else 1, multirun, exc)
+    try:
+        return _locked_job(cfg, stop, run_dir, multirun, lock)
+    finally:
+        lock.release()
+
+
+def _locked_job(
+    cfg: DictConfig, stop: StopRequests, run_dir: Path, multirun: bool, lock: RunLock
+) -> float | None:
+    """Check, then train: nothing is written to the directory until the start is accepted."""
+    from amata_runner.engine import prepare_start, train  # torch-heavy: not for --help / --cfg
+
+    is_main = from_env().is_main
+    new_job = read_status(run_dir) is None and not result_files(run_dir)
     try:
         resolved = resolve_config(cfg)
         check_available(resolved.dataset)
-        if job.is_main:
-            OmegaConf.save(resolved, run_dir / "config_resolved.yaml")
-        summary = train(resolved, run_dir)
+        start = prepare_start(resolved, run_dir)
     except ConfigError as exc:
-        write_status(run_dir, "failed", str(exc))
-        if multirun:
-            raise
-        print(f"amata-run: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if new_job:  # a job of its own that could not start: say so in its directory
+            _record(run_dir, "failed", str(exc))
+        else:  # a refusal leaves another run's directory exactly as it was
+            lock.restore()
+        _fail(f"error: {exc}", 2, multirun, exc)
+    try:
+        if is_main:
+            _write_hydra_files(run_dir, cfg)
+            write_status(run_dir, "running")
+            _save_resolved(run_dir, resolved)
+        summary = train(resolved, run_dir, start=start, stop=stop)
+    except ConfigError as exc:
+        _record(run_dir, "failed", str(exc))
+        _fail(f"error: {exc}", 2, multirun, exc)
     except Preempted as exc:  # a checkpoint was written: the whole sweep stops, to be resumed
-        write_status(run_dir, "preempted", str(exc))
-        print(f"amata-run: {exc}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT)
+        _record(run_dir, "preempted", str(exc))
+        _fail(str(exc), PREEMPTED_EXIT, multirun, exc)
     except ForcedStop as exc:
-        write_status(run_dir, "interrupted", str(exc))
-        print(f"amata-run: {exc}", file=sys.stderr)
-        sys.exit(128 + exc.signum)
-    except KeyboardInterrupt:
-        write_status(run_dir, "interrupted")
+        _record(run_dir, "interrupted", str(exc))
+        _fail(f"{exc}; the last complete checkpoint was kept", 128 + exc.signum, multirun, exc)
+    except KeyboardInterrupt:  # SIGINT where our handlers could not be installed (a thread)
+        _record(run_dir, "interrupted")
         raise
-    except (NonFiniteLoss, StorageError) as exc:
-        write_status(run_dir, "failed", str(exc))
-        if multirun:
-            raise
-        print(f"amata-run: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except StorageError as exc:
+        _record(run_dir, "failed", str(exc), quiet=True)
+        _fail(f"error: {exc} (free some space, then resume=true)", 1, multirun, exc)
+    except NonFiniteLoss as exc:
+        _record(run_dir, "failed", str(exc))
+        _fail(f"error: {exc}", 1, multirun, exc)
     except Exception as exc:
-        write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        _record(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    write_status(run_dir, "completed")
+    _record(run_dir, "completed")
     final = summary.get("final")
     if final:  # the number a sweeper (e.g. Optuna) maximises
         return float(next(iter(final["robust_accuracy"].values())))

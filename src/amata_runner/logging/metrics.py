@@ -1,7 +1,9 @@
 """metrics.jsonl: one JSON row per evaluation point, flushed and fsynced as it is written.
 
 Rows are appended, so a crash loses at most the row being written; on resume, rows newer than the
-checkpoint are dropped (they will be produced again), so the file never holds duplicates.
+checkpoint are dropped (they will be produced again), so the file never holds duplicates. A line
+that is not a JSON row (a torn write, a disk fault, an editor) never costs the rows around it: on
+resume it is moved, with a warning, to ``metrics.jsonl.bad`` and every valid row is kept.
 A metrics.csv copy with a fixed column order is rewritten from the rows at each checkpoint, for
 spreadsheets; the JSONL file is the source of truth.
 """
@@ -9,13 +11,15 @@ spreadsheets; the JSONL file is the source of truth.
 from __future__ import annotations
 
 import csv
-import errno
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from amata_runner.errors import StorageError
+from amata_runner.run_dir import storage_error
+
+log = logging.getLogger(__name__)
 
 
 class MetricsSink(Protocol):
@@ -31,30 +35,45 @@ class MetricsSink(Protocol):
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of a metrics file (a torn last line from a crash is ignored)."""
+    """The valid rows of a metrics file (unreadable lines are left out)."""
+    return read_rows_and_rejects(path)[0]
+
+
+def read_rows_and_rejects(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The valid rows of a metrics file, and the lines that are not rows."""
     rows: list[dict[str, Any]] = []
+    rejects: list[str] = []
     if not path.exists():
-        return rows
-    with open(path, encoding="utf-8") as handle:
+        return rows, rejects
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
-            line = line.strip()
-            if not line:
+            text = line.strip()
+            if not text:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(text)
             except json.JSONDecodeError:
-                break
-    return rows
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                rejects.append(text)
+    return rows, rejects
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
+    """Replace ``path`` whole; a failed write (full disk) is a StorageError, the old file kept."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, exc) from exc
 
 
 class MetricsFile:
@@ -67,9 +86,11 @@ class MetricsFile:
         self.path = run_dir / "metrics.jsonl"
         self.csv_path = run_dir / "metrics.csv"
         self.write = write
-        rows = read_rows(self.path)
+        rows, rejects = read_rows_and_rejects(self.path)
         if keep_until_iteration is None:
             rows = []
+        elif rejects and write:
+            self._set_aside(rejects)
         else:
             rows = [r for r in rows if r.get("iteration", 0) <= keep_until_iteration]
         self.rows = rows
@@ -78,14 +99,35 @@ class MetricsFile:
             self._rewrite()
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
 
+    def _set_aside(self, rejects: list[str]) -> None:
+        bad = self.path.with_name(self.path.name + ".bad")
+        try:
+            with open(bad, "a", encoding="utf-8") as handle:
+                handle.writelines(line + "\n" for line in rejects)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise storage_error(bad, exc, f"{self.path} was not changed") from exc
+        log.warning(
+            "%d line(s) of %s are not metrics rows (a torn or damaged write); they were moved to "
+            "%s and every valid row was kept",
+            len(rejects),
+            self.path,
+            bad,
+        )
+
     def _rewrite(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for row in self.rows:
-                handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for row in self.rows:
+                    handle.write(json.dumps(row) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(self.path, exc, "its previous rows were kept") from exc
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row as a single write; a failed write (full disk) is a StorageError."""
@@ -98,12 +140,8 @@ class MetricsFile:
             self._handle.flush()
             os.fsync(self._handle.fileno())
         except OSError as exc:
-            reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise StorageError(
-                exc.errno or 0,
-                f"could not append to {self.path}: {reason}; the rows before it and the last "
-                "checkpoint are intact (resume=true once there is space)",
-            ) from exc
+            kept = "the rows before it and the last checkpoint are intact"
+            raise storage_error(self.path, exc, kept) from exc
         self.rows.append(row)
 
     def write_csv(self) -> None:
@@ -113,11 +151,15 @@ class MetricsFile:
         for row in self.rows:
             columns.extend(k for k in row if k not in columns)
         tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+            os.replace(tmp, self.csv_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(self.csv_path, exc) from exc
 
     def close(self) -> None:
         if self._handle is not None and not self._handle.closed:
