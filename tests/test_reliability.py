@@ -6,7 +6,6 @@ embedded digits data; the subprocess tests (real SIGKILL / SIGTERM) are in test_
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -19,10 +18,10 @@ import torch
 from amata_runner import engine
 from amata_runner.checkpoint import LAST, PREVIOUS, load_checkpoint, load_latest, save_atomic
 from amata_runner.engine import Trainer
-from amata_runner.errors import ConfigError, StorageError
+from amata_runner.errors import ConfigError
 from amata_runner.interrupts import ForcedStop, Preempted
 from amata_runner.logging import GuardedSink
-from amata_runner.logging.metrics import MetricsFile, read_rows
+from amata_runner.logging.metrics import read_rows
 from amata_runner.methods.base import StepOutput
 from amata_runner.nonfinite import GuardedSGD, NonFiniteLoss
 from conftest import FAST, compose_resolved
@@ -253,59 +252,6 @@ def test_skip_mode_trains_through_bad_batches(
 
 
 # --------------------------------------------------------------------------- full disks, loggers
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_save = torch.save
-    calls = {"n": 0}
-    kept: dict[str, torch.Tensor] = {}
-
-    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:  # epoch 2's checkpoint: half written, then the disk is full
-            kept.update(weights(tmp_path / "full" / LAST))
-            f.write(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(StorageError, match="disk is full") as info:
-        run(tmp_path / "full", "epochs=2")
-    assert "\n" not in str(info.value)
-    after = weights(tmp_path / "full" / LAST)
-    assert kept and all(torch.equal(kept[k], after[k]) for k in kept)
-    assert not list((tmp_path / "full").glob(".*.tmp"))
-
-
-class _FullDisk:
-    """An append handle on a full disk: every write fails with ENOSPC."""
-
-    closed = False
-
-    def write(self, text: str) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def test_a_full_disk_while_logging_metrics_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    original = MetricsFile.__init__
-
-    def init(self: MetricsFile, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self._handle.close()
-        self._handle = _FullDisk()  # type: ignore[assignment]
-
-    monkeypatch.setattr(MetricsFile, "__init__", init)
-    with pytest.raises(StorageError, match=r"metrics\.jsonl: the disk is full") as info:
-        run(tmp_path, "epochs=1")
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / LAST).exists()  # the row is written before the epoch's checkpoint
-
-
 def test_save_atomic_keeps_one_previous_version(tmp_path: Path) -> None:
     path = tmp_path / LAST
     for version in range(3):

@@ -272,7 +272,7 @@ class RunConfig:
     report: Any = None
     nonfinite: str = "stop"  # a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step
     # nonfinite=skip fails the run once more than this fraction of its optimiser steps was refused
-    nonfinite_skip_limit: float = 0.1
+    nonfinite_skip_limit: float = 0.25
 
 
 def register_schemas() -> None:
