@@ -89,6 +89,20 @@ HOSTILE: list[tuple[str, str]] = [
     ("epochs=1000000000", "epochs"),
     ("batch_size=1000000000000", "batch_size"),
     ("dataset=synthetic dataset.image_size=100000", "dataset.image_size"),
+    # values no comparison catches: infinities and NaNs
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.weight_decay=inf", "optim.weight_decay"),
+    ("method.step_size=inf", "method.step_size"),
+    ("dataset.mean=[nan]", "dataset.mean"),
+    ("dataset.std=[inf]", "dataset.std"),
+    ("nonfinite=skip nonfinite_skip_limit=2", "nonfinite_skip_limit"),
+    # settings that contradict the data
+    ("dataset.num_classes=3", "dataset.num_classes"),
+    ("dataset.test_fraction=0.0001", "dataset.test_fraction"),
+    ("dataset.test_fraction=0.9999", "dataset.test_fraction"),
+    ("dataset.image_size=20000", "dataset.image_size"),
+    # a run directory no file system will create
+    ("hydra.run.dir=/proc/amata/run", "hydra.run.dir"),
     # one bad job in a grid
     ("-m seed=0,1 method.eps=0.1,7", "method.eps"),
 ]

@@ -442,3 +442,21 @@ def test_a_garbage_line_in_metrics_keeps_every_valid_row(tmp_path: Path) -> None
     run(tmp_path, "epochs=3", "resume=true")
     assert [json.loads(line) for line in lines] == read_rows(path)
     assert (tmp_path / "metrics.jsonl.bad").read_text() == "{not json at all\n"
+
+
+def test_amata_eval_on_a_checkpoint_with_a_partial_config_is_one_line(
+    tmp_path: Path, finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from amata_runner.cli.evaluate import main
+
+    state = load_checkpoint(finished / LAST)
+    del state["config"]["model"]  # a checkpoint from another version, or edited by hand
+    torch.save(state, tmp_path / "partial.ckpt")
+    with pytest.raises(SystemExit) as info:
+        main([f"ckpt={tmp_path / 'partial.ckpt'}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.strip().splitlines() == [
+        f"amata-eval: error: ckpt='{tmp_path / 'partial.ckpt'}': a checkpoint whose stored "
+        "config is complete (it has no model)"
+    ]

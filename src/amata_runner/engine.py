@@ -260,6 +260,14 @@ class Trainer:
             world=self.job.world,
         )
 
+        if len(self.loader) == 0:  # it would "complete" having trained nothing
+            raise ConfigError(
+                "batch_size",
+                cfg.batch_size,
+                f"larger than the {len(train_set)} training images split over "
+                f"{self.job.world} process(es), so no full batch can be drawn",
+            )
+
         ds = cfg.dataset
         self.model = build_model_for(cfg, self.device)
         self.job.broadcast_module(self.model)  # every rank starts from rank 0's weights

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from amata_runner.errors import ConfigError
 
@@ -48,7 +48,14 @@ def fail(tool: str, exc: ConfigError) -> NoReturn:
 
 def run_tool(tool: str, body: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:
     """Run a tool's body; a ConfigError becomes one ``tool: error: ...`` line and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return body(list(sys.argv[1:] if argv is None else argv))
+        return body(args)
     except ConfigError as exc:
         fail(tool, exc)
+    except (ConfigAttributeError, ConfigKeyError) as exc:
+        # A checkpoint's stored config (another version's, or edited) lacks a key the tool reads.
+        key = getattr(exc, "full_key", None) or str(exc).splitlines()[0]
+        allowed = f"a checkpoint whose stored config is complete (it has no {key})"
+        ckpt = next((a.partition("=")[2] for a in args if a.startswith("ckpt=")), "")
+        fail(tool, ConfigError("ckpt", ckpt, allowed))
