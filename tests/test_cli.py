@@ -88,8 +88,8 @@ def test_a_failing_job_does_not_stop_the_grid(tmp_path: Path) -> None:
     ("override", "needle"),
     [
         ("schedule.k_min=50", "schedule.k_min=50: must be <= schedule.k_max"),
-        ("method.eps=0", "method.eps=0.0: must be > 0"),
-        ("schedule.tau=-0.1", "schedule.tau=-0.1: must be > 0"),
+        ("method.eps=0", "method.eps=0.0: must be a finite number > 0"),
+        ("schedule.tau=-0.1", "schedule.tau=-0.1: must be a finite number > 0"),
         ("method=fgsm", "method='fgsm': allowed: amata, amata_atta, amata_fast, amata_free"),
         ("dataset=mnist", "set dataset.download=true"),
     ],
