@@ -61,7 +61,7 @@ def test_run_writes_rows_summary_and_safe_checkpoints(tmp_path: Path) -> None:
 
 def test_passes_are_counted_from_the_schedule(tmp_path: Path) -> None:
     summary = run(tmp_path / "amata", "schedule.k_min=1", "schedule.endpoint=inclusive")
-    n = 1438  # digits training examples, each seen once per epoch
+    n = 1238  # digits training examples (1438 less 200 validation images), once per epoch
     # epoch 1: K = 1 attack steps + 1 update pass; epoch 2: K = 3 (method.steps)
     assert summary["forward_passes"] == n * (1 + 1) + n * (3 + 1)
     assert summary["backward_passes"] == summary["forward_passes"]
@@ -125,7 +125,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(
     ref_rows = read_rows(tmp_path / "ref" / "metrics.jsonl")
 
     with monkeypatch.context() as patch:
-        crash_after(patch, 17)  # epoch 1 has 12 iterations: crash inside epoch 2
+        crash_after(patch, 17)  # epoch 1 has 10 iterations: crash inside epoch 2
         with pytest.raises(Crash):
             run(tmp_path / "crash", *args)
     partial = read_rows(tmp_path / "crash" / "metrics.jsonl")

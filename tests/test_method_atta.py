@@ -252,7 +252,7 @@ def test_atta_end_to_end_and_exact_resume(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "ref").mkdir()
     (tmp_path / "split").mkdir()
     summary = Trainer(compose_resolved(args), tmp_path / "ref").run()
-    n, k = 1438, 3  # digits training examples; K = dataset.threat.steps in FAST
+    n, k = 1238, 3  # digits training examples (less 200 validation); K = dataset.threat.steps
     assert summary["forward_passes"] == summary["backward_passes"] == 2 * n * (k + 1)
     rows = read_rows(tmp_path / "ref" / "metrics.jsonl")
     assert [(r["K"], r["reset"], r["atta_resets"]) for r in rows] == [(3, 2, 0.0), (3, 2, 1.0)]

@@ -190,6 +190,7 @@ def test_end_to_end_on_digits(tmp_path: Path) -> None:
     assert all(r["K"] == 2 and r["alpha"] == pytest.approx(0.05) for r in rows)
     for r in rows:
         assert 0 <= r["mean_steps"] <= 2 and 0 <= r["stopped_fraction"] <= 1
-    # digits: 1438 training images; per image 2 attack passes and 1 update, both epochs
-    assert rows[-1]["forward_passes"] == rows[-1]["backward_passes"] == 1438 * 3 * 2
+    # digits: 1238 training images (1438 less 200 validation); per image 2 attack passes and 1
+    # update, both epochs
+    assert rows[-1]["forward_passes"] == rows[-1]["backward_passes"] == 1238 * 3 * 2
     assert summary["final"]["examples"] == 359

@@ -294,6 +294,7 @@ def test_end_to_end_on_digits(tmp_path: Path) -> None:
     for r in rows:
         assert 1 <= r["mean_steps"] <= 2 and 0 <= r["stopped_fraction"] <= 1
         assert r["mean_fosc"] >= 0
-    # digits: 1438 training images; per image 2 + 1 attack passes and 1 update, both epochs
-    assert rows[-1]["forward_passes"] == rows[-1]["backward_passes"] == 1438 * 4 * 2
+    # digits: 1238 training images (1438 less 200 validation); per image 2 + 1 attack passes and
+    # 1 update, both epochs
+    assert rows[-1]["forward_passes"] == rows[-1]["backward_passes"] == 1238 * 4 * 2
     assert summary["final"]["examples"] == 359

@@ -23,7 +23,10 @@ NUM_CLASSES = 10
 # (channels, image_size): MNIST-like and CIFAR-like inputs.
 SHAPES = [(1, 28), (3, 32)]
 # resnet50 is slow on CPU; it gets a single forward/backward (in test_resnet50_forward_backward).
-LIGHT_NAMES = [n for n in MODEL_NAMES if n != "resnet50"]
+# The WideResNets (36M/46M parameters) are checked at reduced depth/width in
+# test_method_trades.py, full size there under -m slow.
+HEAVY_NAMES = ("resnet50", "wrn28_10", "wrn34_10")
+LIGHT_NAMES = [n for n in MODEL_NAMES if n not in HEAVY_NAMES]
 
 
 def _build(name: str, channels: int, image_size: int, **stats: object) -> nn.Module:

@@ -15,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from amata_runner.errors import ConfigError
 
+# BatchNorm/Dropout mode while an attack runs inside training (attacks.pgd.attack_mode).
+ATTACK_BN_MODES = ("eval", "train")
+
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
 

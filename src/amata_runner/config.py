@@ -19,13 +19,21 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from amata_runner import method_configs
-from amata_runner.checks import at_least, at_most, finite, one_of, positive_budget, require
+from amata_runner.checks import (
+    ATTACK_BN_MODES,
+    at_least,
+    at_most,
+    finite,
+    one_of,
+    positive_budget,
+    require,
+)
 from amata_runner.criterion_config import CriterionConfig, check_criterion
 from amata_runner.errors import ConfigError
 
 FOLDER_DATASETS = ("caltech256", "imagenet")  # image folders decoded by DataLoader workers
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", *FOLDER_DATASETS)
-MODELS = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50")
+MODELS = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50", "wrn28_10", "wrn34_10")
 METHODS = (
     "erm",
     "pgd",
@@ -40,6 +48,10 @@ METHODS = (
     "amata_fast",
     "atta",
     "amata_atta",
+    "trades",
+    "amata_trades",
+    "mart",
+    "amata_mart",
 )
 # Methods whose strength follows the `schedule` group (the others are unscheduled or, like FOSC
 # and FAT, carry their reference schedule in their own config).
@@ -47,11 +59,10 @@ SCHEDULED_METHODS = tuple(m for m in METHODS if m not in ("erm", "fosc", "fat"))
 SCHEDULES = ("constant", "linear", "exponential", "step", "adaptive")
 ADAPTIVE_MODES = ("monotone", "free")
 LR_SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
-LOGGERS = ("jsonl", "wandb")
-PRECISIONS = ("auto", "fp32", "bf16")
+LOGGERS = ("jsonl", "wandb", "tensorboard")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16_update")  # see precision.py
 NONFINITE_MODES = ("stop", "skip")
 AUGMENTS = ("none", "crop_flip", "random_resized_crop")
-ATTACK_BN_MODES = ("eval", "train")
 UNITS = ("epoch", "iteration")
 
 
@@ -75,6 +86,8 @@ class RecipeConfig:
     lr_milestones: list[int] = field(default_factory=list)
     target_robust_errors: list[float] = field(default_factory=list)
     cyclic_lr: float = 0.2  # peak of the cyclic (Fast) LR schedule
+    # eval.validation.size's default: training images held out to choose checkpoints on
+    validation: Any = 1000
 
 
 @dataclass
@@ -201,6 +214,15 @@ class FinalThreatConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Training images held out to choose best.ckpt on (data/validation.py): a count, a fraction
+    of the training split, or 0 (none: no best.ckpt); drawn per class by ``seed``."""
+
+    size: Any = "${dataset.recipe.validation}"
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     every: int = 1
     unit: str = "epoch"
@@ -217,6 +239,7 @@ class EvalConfig:
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     target_robust_errors: list[float] = "${dataset.recipe.target_robust_errors}"  # type: ignore[assignment]
     target_clean_errors: list[float] = field(default_factory=list)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 @dataclass
@@ -234,6 +257,13 @@ class WandbLoggerConfig:
     mode: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TensorboardLoggerConfig:
+    """TensorBoard event files in <run dir>/tensorboard/, on top of metrics.jsonl."""
+
+    name: str = "tensorboard"
 
 
 @dataclass
@@ -260,6 +290,7 @@ class RunConfig:
     batch_size: int = "${dataset.recipe.batch_size}"  # type: ignore[assignment]
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False  # torch.compile of the training step's forward/backward (precision.py)
     deterministic: bool = False
     # true: continue last.ckpt; auto: continue it when there is one, else start (cluster
     # requeues, which rerun the same command line); false: refuse to touch an existing run.
@@ -292,7 +323,11 @@ def register_schemas() -> None:
         "schedule": {"base": ScheduleConfig},
         "optim": {"sgd": OptimConfig},
         "eval": {"base": EvalConfig},
-        "logger": {"jsonl": JsonlLoggerConfig, "wandb": WandbLoggerConfig},
+        "logger": {
+            "jsonl": JsonlLoggerConfig,
+            "wandb": WandbLoggerConfig,
+            "tensorboard": TensorboardLoggerConfig,
+        },
         "paths": {"base": PathsConfig},
     }
     for group, options in groups.items():
@@ -337,6 +372,14 @@ def validate(cfg: DictConfig) -> None:
             "logger",
             "wandb",
             "wandb is not installed; pip install 'amata-runner[wandb]' or use logger=jsonl",
+        )
+    if cfg.logger.name == "tensorboard":
+        require(
+            importlib.util.find_spec("tensorboard") is not None,
+            "logger",
+            "tensorboard",
+            "tensorboard is not installed; pip install 'amata-runner[tensorboard]' or use "
+            "logger=jsonl",
         )
 
 
@@ -624,6 +667,38 @@ def _check_eval(cfg: DictConfig) -> None:
     )
     parse_attacks(list(cfg.eval.final_attacks), key="eval.final_attacks")
     check_criterion(cfg)
+    size = cfg.eval.validation.size
+    require(
+        not isinstance(size, bool)
+        and (
+            (isinstance(size, int) and size >= 0)
+            or (isinstance(size, float) and (0.0 < size < 1.0 or size == 0.0))
+        ),
+        "eval.validation.size",
+        size,
+        "a number of training images (an integer >= 1), a fraction of the training split (a float "
+        "strictly between 0 and 1), or 0 for no validation split",
+    )
+    train = _known_train_images(cfg)
+    if isinstance(size, int) and train is not None:
+        require(
+            size < train,
+            "eval.validation.size",
+            size,
+            f"holds out {size} of the {train} training images, leaving none to train on; use a "
+            "smaller count or a fraction",
+        )
+
+
+def _known_train_images(cfg: DictConfig) -> int | None:
+    """The training split's size where it is known before loading (None for folder sets)."""
+    ds = cfg.dataset
+    if ds.name == "digits":
+        return DIGITS_IMAGES - round(DIGITS_IMAGES * float(ds.test_fraction))
+    if ds.name == "synthetic":
+        return int(ds.num_train)
+    known = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
+    return known.get(ds.name)
     for key in ("eval.target_robust_errors", "eval.target_clean_errors"):
         targets = list(OmegaConf.select(cfg, key))
         require(all(0 <= t <= 1 for t in targets), key, targets, "errors must be in [0, 1]")

@@ -43,16 +43,20 @@ from amata_runner.checkpoint import (
 )
 from amata_runner.clock import TrainClock
 from amata_runner.criterion import CriterionProbe, summarise_criterion
-from amata_runner.data import ImageSet, eval_batches, eval_subset, load_splits, make_train_loader
+from amata_runner.data import ImageSet, eval_batches, eval_subset, load_run_data, make_train_loader
 from amata_runner.distributed import from_env, init_process_group
 from amata_runner.errors import ConfigError
 from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
 from amata_runner.interrupts import Preempted, StopRequests
 from amata_runner.logging import MetricsFile, MetricsSink, ProgressBar, build_sinks
 from amata_runner.logging.metrics import write_json_atomic
+from amata_runner.logging.progress import RunLog
 from amata_runner.methods import Method, TrainContext, build_method
 from amata_runner.nonfinite import GuardedSGD, NonFiniteLoss
 from amata_runner.passes import PassCounter
+from amata_runner.precision import Precision, maybe_compile, training_precision
+from amata_runner.provenance import collect as collect_provenance
+from amata_runner.provenance import now as timestamp
 from amata_runner.run_dir import refuse_fresh_start_over_results, result_files
 from amata_runner.run_files import build_model_for
 from amata_runner.schedules import Control, Schedule
@@ -89,12 +93,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def training_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def build_lr_scheduler(
@@ -237,8 +235,14 @@ class Trainer:
         configure_backend(self.device, cfg.deterministic)
         seed_everything(cfg.seed)
 
-        train_set, test_set = load_splits(cfg.dataset)
+        data = load_run_data(cfg)  # the training split less the validation images
+        train_set, test_set = data.train, data.test
         self.test_set = test_set
+        self.validation = data.split
+        if self.start is not None:  # the same held-out images, or the run is not one run
+            self.validation.check_resumed(self.start.state.get("validation"))
+        if not self.validation.count and cfg.save_best:
+            log.info("eval.validation.size=0: no validation split, so no best.ckpt is written")
         # Probe batches for the criterion C, drawn with their own generator (no global RNG).
         self.criterion: CriterionProbe | None = (
             CriterionProbe(cfg.eval.criterion, train_set, self.device)
@@ -249,7 +253,14 @@ class Trainer:
             len(test_set), generator=torch.Generator().manual_seed(cfg.eval.seed)
         )
         subset = subset[: cfg.eval.subset].sort().values
+        # The test subset is measured (curves, time to target), never used to choose anything;
+        # best.ckpt and Fast's early-stop check are decided on the validation split.
         self.eval_images, self.eval_labels = eval_subset(test_set, subset, self.device)
+        self.val_images: torch.Tensor | None = None
+        self.val_labels: torch.Tensor | None = None
+        if data.validation is not None:
+            every = torch.arange(len(data.validation))
+            self.val_images, self.val_labels = eval_subset(data.validation, every, self.device)
         self.loader = make_train_loader(
             train_set,
             cfg.dataset,
@@ -283,12 +294,16 @@ class Trainer:
             nesterov=cfg.optim.nesterov,
         )
         self.precision = training_precision(cfg.precision, self.device)
+        self._precision = Precision(self.precision, self.device)
         self.counter = PassCounter()
         context = TrainContext(
-            model=self.model,
+            # compile=true: the method's forwards/backwards go through torch.compile; evaluation
+            # and checkpoints use self.model itself (the same parameters).
+            model=maybe_compile(self.model, bool(cfg.get("compile", False)), self.device),
             optimizer=self.optimizer,
             counter=self.counter,
             autocast=self._autocast,
+            attack_autocast=self._precision.attack,
             device=self.device,
             num_train=len(train_set),
             image_shape=(ds.channels, ds.image_size, ds.image_size),
@@ -296,6 +311,7 @@ class Trainer:
             iters_per_epoch=len(self.loader),
             epochs=cfg.epochs,
             job=self.job,
+            validation_batch=self._validation_batch(),
         )
         self.method: Method = build_method(cfg.method, context)
         self.epochs = self.method.epochs(cfg.epochs)
@@ -332,10 +348,21 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ helpers
+    def _validation_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A fixed batch of validation images (uint8) for a method's own checks (Fast's early
+        stop): ``batch_size`` of them drawn by the split's seed, this rank's share under torchrun."""
+        if self.val_images is None or self.val_labels is None:
+            return None
+        n = int(self.val_labels.shape[0])
+        seed = int(self.cfg.eval.validation.seed)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        pick = pick[: self.cfg.batch_size]
+        mine = pick.tensor_split(self.job.world)[self.job.rank]
+        pick = (mine if len(mine) else pick).to(self.device)
+        return self.val_images.index_select(0, pick), self.val_labels.index_select(0, pick)
+
     def _autocast(self) -> AbstractContextManager[Any]:
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return self._precision.update()
 
     def control(self, epoch: int, iteration: int = 0) -> Control | None:
         """The control for this batch; an adaptive schedule decides here (on the train clock)."""
@@ -355,6 +382,7 @@ class Trainer:
                 self.schedule.state_dict() if isinstance(self.schedule, AdaptiveSchedule) else {}
             ),
             "loader": self.loader.state_dict(),
+            "validation": self.validation.record(),
             "rng": rng_state(),
             "progress": asdict(self.progress),
             "train_seconds": self.clock.seconds,
@@ -396,13 +424,14 @@ class Trainer:
         self.wandb_id = state.get("wandb_id")
         self._last_saved = {k: self.progress.__dict__[k] for k in ("epoch", "batch", "iteration")}
         self._checked_iteration = self.progress.iteration
-        log.info(
-            "resumed %s from %s at epoch %d, batch %d",
-            self.run_dir,
-            path.name,
-            self.progress.epoch,
-            self.progress.batch,
+        # Epochs counted from 1, as the progress bar and the progress lines count them.
+        at = self.progress
+        where = (
+            f"in epoch {at.epoch + 1} at batch {at.batch + 1}"
+            if at.batch
+            else f"after epoch {at.epoch} (of {self.epochs})"
         )
+        log.info("resumed %s from %s %s", self.run_dir, path.name, where)
         return True
 
     def _rescale_lr(self, saved_lr: float) -> None:
@@ -445,6 +474,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
+        self._started = timestamp()
         resumed = self._restore()
         metrics = MetricsFile(
             self.run_dir,
@@ -452,6 +482,7 @@ class Trainer:
             write=self.job.is_main,
         )
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        resolved["provenance"] = collect_provenance(self.device, started=self._started, ended=False)
         sinks = (
             build_sinks(self.cfg, self.run_dir, resume_id=self.wandb_id, resolved=resolved)
             if self.job.is_main
@@ -464,6 +495,15 @@ class Trainer:
             initial=self.progress.iteration,
             enabled=self.cfg.progress,
             desc=str(self.cfg.name),
+        )
+        self._bar = bar
+        self.runlog = RunLog(
+            self.run_dir,
+            epochs=self.epochs,
+            iterations=self.epochs * len(self.loader),
+            done=self.progress.iteration,
+            bar_shown=bar.shown,
+            write=self.job.is_main,
         )
         listening = nullcontext() if self.stop.installed else self.stop
         try:
@@ -618,6 +658,9 @@ class Trainer:
         self._correct.zero_()
         self._seen = self._loss_seen = 0
         result = self._evaluate(self.eval_images, self.eval_labels, self.eval_attack)
+        val = None
+        if self.val_images is not None and self.val_labels is not None:
+            val = self._evaluate(self.val_images, self.val_labels, self.eval_attack)
         row: dict[str, Any] = {
             "epoch": round(epoch, 6),
             "iteration": self.progress.iteration,
@@ -629,12 +672,19 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
             "train_error": train_error,
+            # clean_error / robust_error: the fixed test subset (eval_split says so); val_*: the
+            # validation split, the only one any choice is made on
             "clean_error": result.clean_error,
             "robust_error": result.robust_error,
             "eval_examples": result.total,
+            "eval_split": "test",
             "eval_attack": self.eval_attack.name,
             **self.method.metrics(),
         }
+        if val is not None:
+            row["val_clean_error"] = val.clean_error
+            row["val_robust_error"] = val.robust_error
+            row["val_examples"] = val.total
         if isinstance(self.schedule, AdaptiveSchedule):
             row.update(self.schedule.metrics())
         if self.skip_nonfinite:
@@ -642,11 +692,34 @@ class Trainer:
             row["skipped_fraction"] = self.optimizer.skipped / max(self.optimizer.attempted, 1)
         if self.criterion is not None and control is not None and self._criterion_due(epoch):
             row.update(self.criterion.measure(self.model, control.steps, control.step_size))
-        if result.robust_accuracy > self.progress.best_robust_accuracy:
-            self.progress.best_robust_accuracy = result.robust_accuracy
+        # The best checkpoint is chosen on the validation split only; without one there is none.
+        if val is not None and val.robust_accuracy > self.progress.best_robust_accuracy:
+            self.progress.best_robust_accuracy = val.robust_accuracy
             self.progress.best_epoch = int(np.ceil(epoch))
             self._best_pending = True
         return row
+
+    def _best_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """summary.json's ``best``: what was chosen, on which images, and how."""
+        if self.validation.count:
+            return {
+                "selected_on": "validation",
+                "robust_accuracy": self.progress.best_robust_accuracy,
+                "epoch": self.progress.best_epoch,
+                "eval_attack": self.eval_attack.name,
+                "examples": self.validation.count,
+                "checkpoint": BEST if self.cfg.save_best and self.progress.best_epoch >= 0 else None,
+            }
+        # No validation split: nothing is chosen; the final model's test-subset numbers stand.
+        last = rows[-1] if rows else None
+        return {
+            "selected_on": "none (no validation split: the final model)",
+            "robust_accuracy": None if last is None else 1.0 - last["robust_error"],
+            "epoch": self.progress.epoch,
+            "eval_attack": self.eval_attack.name,
+            "examples": None if last is None else last["eval_examples"],
+            "checkpoint": None,
+        }
 
     def _criterion_due(self, epoch: float) -> bool:
         """Rows that close a whole epoch, every ``eval.criterion.every`` epochs; C scores the
@@ -661,6 +734,7 @@ class Trainer:
             sink.log(row)
         shown = {k: row[k] for k in ("K", "clean_error", "robust_error") if k in row}
         bar.show({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in shown.items()})
+        self.runlog.row(row)
 
     def _save_checkpoint(self, metrics: MetricsFile) -> None:
         self._check_finite()
@@ -749,11 +823,8 @@ class Trainer:
             "skipped_steps": self.optimizer.skipped,
             "skipped_fraction": self.optimizer.skipped / max(self.optimizer.attempted, 1),
             "lr_changes": self.progress.lr_changes,
-            "best": {
-                "robust_accuracy": self.progress.best_robust_accuracy,
-                "epoch": self.progress.best_epoch,
-                "eval_attack": self.eval_attack.name,
-            },
+            "best": self._best_summary(rows),
+            "validation": self.validation.record(),
             "last_eval": rows[-1] if rows else None,
             "time_to_target": {
                 **time_to_targets(rows, "robust_error", list(cfg.eval.target_robust_errors)),
@@ -769,7 +840,11 @@ class Trainer:
         if criterion is not None:
             summary["criterion"] = criterion
         if cfg.eval.final:
+            names = ["clean", *(n for n in cfg.eval.final_attacks if n != "clean")]
+            self._bar.evaluating(", ".join(names))
+            self.runlog.evaluating(names, len(self.test_set))
             summary["final"] = self._final_evaluation()
+        summary["provenance"] = collect_provenance(self.device, started=self._started)
         return summary
 
 

@@ -34,8 +34,14 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, what: str = "after saving a checkpoint") -> None:
         self.signum = signum
+        self.what = what
         name = signal.Signals(signum).name if signum else "a stop request"
-        super().__init__(f"stopped by {name} {what}; rerun with resume=true")
+        self.stopped = f"stopped by {name} {what}"
+        super().__init__(f"{self.stopped}; rerun with resume=true")
+
+    def continue_with(self, command: str) -> str:
+        """The message with the exact command that continues the run (amata-run knows it)."""
+        return f"{self.stopped}; to continue: {command}"
 
 
 class ForcedStop(BaseException):

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from amata_runner.checkpoint import load_checkpoint
+from amata_runner.checkpoint import BEST, LAST, load_checkpoint
 from amata_runner.errors import ConfigError
 from amata_runner.models import build_model
 
@@ -50,20 +50,41 @@ class TrainedRun:
     def run_dir(self) -> Path:
         return self.path.parent
 
+    @property
+    def epoch(self) -> int | None:
+        """Epochs completed when the checkpoint was written."""
+        return self.state.get("progress", {}).get("epoch")
+
+    @property
+    def selection(self) -> str:
+        """How this checkpoint was chosen, in words (amata-eval prints it and records it)."""
+        progress = self.state.get("progress", {})
+        if self.path.name == BEST:
+            accuracy = progress.get("best_robust_accuracy")
+            shown = f" {accuracy:.4f}" if isinstance(accuracy, float) and accuracy >= 0 else ""
+            return (
+                f"best: highest validation robust accuracy{shown}, at epoch "
+                f"{progress.get('best_epoch')}"
+            )
+        if self.path.name == LAST:
+            return f"last: the model after epoch {self.epoch}, not selected"
+        return f"the model after epoch {self.epoch}"
+
 
 def load_trained(path: str | Path, device: torch.device) -> TrainedRun:
-    """Load ``path`` (a run's ``last.ckpt``/``best.ckpt``, or a run directory: its best, else last).
+    """Load ``path``: a run's ``last.ckpt`` or ``best.ckpt``, or a run directory (its
+    ``last.ckpt``, the final model: ``best.ckpt``, chosen on the validation split, only when asked
+    for by name).
 
     Raises :class:`ConfigError` (key ``ckpt``) when the file is missing, unreadable or not one the
     runner wrote.
     """
     path = Path(path)
     if path.is_dir():
-        candidates = [path / "best.ckpt", path / "last.ckpt"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise ConfigError("ckpt", str(path), "a run directory holding best.ckpt or last.ckpt")
-        path = found
+        if not (path / LAST).is_file():
+            held = " (it holds best.ckpt: name it to evaluate that)" if (path / BEST).is_file() else ""
+            raise ConfigError("ckpt", str(path), f"a run directory holding last.ckpt{held}")
+        path = path / LAST
     state = load_checkpoint(path, map_location=device)
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ConfigError("ckpt", str(path), "a checkpoint written by amata-run (config + model)")

@@ -1,7 +1,7 @@
 """AutoAttack (Croce & Hein 2020) through the packaged reference implementation, never rewritten.
 
 The reference repository (fra31/auto-attack) is not on PyPI; ``pyautoattack`` is its packaged
-release and imports as ``pyautoattack`` (reference/ecosystem.md section 4.3).  It is an optional
+release and imports as ``pyautoattack`` (docs/methods.md, Evaluation attacks).  It is an optional
 extra, imported only when an AutoAttack evaluation is asked for, so the runner installs and trains
 without it.  Numbers are meant to compare with RobustBench, so the default is ``version=standard``
 (APGD-CE, APGD-T, FAB-T, Square) with the L-inf eps of the run's threat model.

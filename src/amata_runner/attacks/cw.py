@@ -1,13 +1,13 @@
 """Carlini-Wagner attacks in the two forms adversarial-training papers report as "CW".
 
 ``cw_linf`` is the L-inf form of FAT, CAT and DAT's evaluation ("dat" protocol in FAT's
-``attack_generator.py``, reference/methods.md section 3.4): PGD from a random start whose loss is
+``attack_generator.py``, docs/methods.md, Evaluation attacks): PGD from a random start whose loss is
 the CW margin instead of cross-entropy, max over wrong logits minus the true logit, capped at
 ``kappa`` (their kappa is 50, so in practice the margin keeps growing for all the steps).
 
 ``cw_l2`` is the penalty form of xuanqing94/BayesianDefense ``attacker/cw.py``, the implementation
 the Amata paper cites for its CW columns (Appendix A: c = 100 on MNIST, c = 0.5 on CIFAR10, 100
-iterations; reference/methods.md section 8): Adam (lr 0.01) on the image itself, minimising
+iterations; docs/methods.md, Evaluation attacks): Adam (lr 0.01) on the image itself, minimising
 ``||x' - x||^2 + c * max(z_y - max_{j!=y} z_j + kappa, 0)`` per example, with no tanh change of
 variables, no binary search over c, and the variable *starting from a black image* (``init=zero``).
 Where the reference is accidental rather than chosen, the intended behaviour is implemented:

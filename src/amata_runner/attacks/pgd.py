@@ -71,18 +71,28 @@ def pgd_linf(
     generator: torch.Generator | None = None,
     counter: PassCounter | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    start_std: float | None = None,
 ) -> torch.Tensor:
     """Return x' with ||x' - x||_inf <= eps and x' in [0,1] that (approximately) maximises the loss.
 
     The loss is the summed cross-entropy unless ``loss_fn(logits, y)`` (a scalar) replaces it
-    (CW-inf ascends the CW margin with the same steps).
+    (CW-inf ascends the CW margin with the same steps; TRADES ascends a KL divergence, passing the
+    clean probabilities as ``y``).
 
-    Start: x + U(-eps, eps) (or x itself), clipped to [0,1].  Step: x' <- clip_[0,1](clip_ball(
+    Start: x + U(-eps, eps) (or x itself), clipped to [0,1]; with ``start_std``, x + N(0,
+    start_std^2) unclipped, as TRADES and MART start (0.001).  Step: x' <- clip_[0,1](clip_ball(
     x' + step_size * sign(grad_x' CE))).  The model's mode is used as given (see ``attack_mode``);
     parameters are frozen inside.  ``generator`` makes the random start reproducible (evaluation).
     """
     x = x.detach()
-    delta = uniform_delta(x, eps, generator) if random_start else torch.zeros_like(x)
+    if start_std is not None:
+        delta = start_std * torch.randn(
+            x.shape, dtype=x.dtype, device=x.device, generator=generator
+        )
+    elif random_start:
+        delta = uniform_delta(x, eps, generator)
+    else:
+        delta = torch.zeros_like(x)
     with frozen_parameters(model), torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)

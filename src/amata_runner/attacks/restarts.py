@@ -1,6 +1,6 @@
 """PGD-K with R random restarts, keeping the worst case per example (Fast-AT's evaluation protocol).
 
-Why it is written this way (locuslab ``attack_pgd``, see reference/methods.md section 6):
+Why it is written this way (locuslab ``attack_pgd``, see docs/methods.md, Evaluation attacks):
 - Within a restart only examples the model still classifies correctly keep moving: once an example
   is fooled its perturbation is frozen, so a later step cannot walk it back to the right class.
   The update is multiplied by a 0/1 mask instead of indexing, so shapes stay static and nothing is

@@ -1,9 +1,9 @@
 """Named evaluation attacks and the loop that runs a list of them over a test set.
 
 One grammar names an attack everywhere (``amata-eval attacks=[...]``, a run's final evaluation):
-``clean``, ``pgd<K>``, ``pgd<K>x<R>``, ``cw_inf``, ``cw_l2``, ``autoattack``.  Everything beyond
-the name comes from :class:`SuiteOptions`, so a result is identified by its name plus
-:func:`attack_params`.
+``clean``, ``fgsm``, ``pgd<K>``, ``pgd<K>x<R>``, ``cw_inf``, ``cw_l2``, ``autoattack``.
+Everything beyond the name comes from :class:`SuiteOptions`, so a result is identified by its name
+plus :func:`attack_params`.
 
 The measurement follows evaluation.py's conventions (model in eval mode, fp32, parameters frozen,
 a dedicated generator for random starts) with one addition: the generator is re-seeded at every
@@ -36,11 +36,11 @@ from amata_runner.attacks.restarts import pgd_restarts
 from amata_runner.errors import ConfigError
 
 GRAMMAR = (
-    "clean, pgd<K> (K steps, e.g. pgd20), pgd<K>x<R> (R random restarts, e.g. pgd50x10), "
-    "cw_inf, cw_l2, autoattack"
+    "clean, fgsm (one sign step of eps from the clean image), pgd<K> (K steps, e.g. pgd20), "
+    "pgd<K>x<R> (R random restarts, e.g. pgd50x10), cw_inf, cw_l2, autoattack"
 )
 _PGD = re.compile(r"^pgd([1-9][0-9]*)(?:x([1-9][0-9]*))?$")
-_FIXED = ("clean", "cw_inf", "cw_l2", "autoattack")
+_FIXED = ("clean", "fgsm", "cw_inf", "cw_l2", "autoattack")
 
 # Appendix A's CW constant: "eps" 100 on MNIST (A.1) and 0.5 on CIFAR10 (A.2) in BayesianDefense's
 # cw.py.  The MNIST value also serves the MNIST-shaped sets (digits, Fashion-MNIST).
@@ -53,13 +53,14 @@ class SuiteOptions:
 
     eps: float
     step_size: float  # PGD and CW-inf sign-step size
-    # FAT/CAT/DAT's CW-inf ("dat" protocol, reference/methods.md 3.4): 30 steps, kappa 50, random
-    # start; their step 0.031/4 is CIFAR10's threat step 2/255, so the threat step is used.
+    # FAT/CAT/DAT's CW-inf ("dat" protocol, docs/methods.md, Evaluation attacks): 30 steps,
+    # kappa 50, random start; their step 0.031/4 is CIFAR10's threat step 2/255, so the threat
+    # step is used.
     cw_inf_steps: int = 30
     cw_inf_kappa: float = 50.0
-    # BayesianDefense cw.py (reference/methods.md 8) with Amata's Appendix A settings: 100
-    # iterations, Adam lr 0.01 (the repo's HEAD), kappa 0, black start; c is 0.5 for CIFAR10 (A.2),
-    # 100 for MNIST (A.1): see ``paper_cw_l2_c``.
+    # BayesianDefense cw.py (docs/methods.md, Evaluation attacks) with Amata's Appendix A
+    # settings: 100 iterations, Adam lr 0.01 (the repo's HEAD), kappa 0, black start; c is 0.5 for
+    # CIFAR10 (A.2), 100 for MNIST (A.1): see ``paper_cw_l2_c``.
     cw_l2_c: float = 0.5
     cw_l2_steps: int = 100
     cw_l2_lr: float = 0.01
@@ -110,7 +111,7 @@ def check_options(options: SuiteOptions) -> None:
 
 @dataclass(frozen=True)
 class Attack:
-    """A parsed attack name: ``kind`` is clean, pgd, cw_inf, cw_l2 or autoattack."""
+    """A parsed attack name: ``kind`` is clean, fgsm, pgd, cw_inf, cw_l2 or autoattack."""
 
     name: str
     kind: str
@@ -149,6 +150,8 @@ def attack_params(attack: Attack | str, options: SuiteOptions) -> dict[str, Any]
     o = options
     if attack.kind == "clean":
         return {}
+    if attack.kind == "fgsm":  # Goodfellow et al.: x + eps * sign(grad), no random start
+        return {"eps": o.eps, "step_size": o.eps, "steps": 1, "random_start": False}
     if attack.kind == "pgd":
         params: dict[str, Any] = {"eps": o.eps, "step_size": o.step_size, "steps": attack.steps}
         if attack.restarts:
@@ -189,6 +192,10 @@ def attack_function(attack: Attack, options: SuiteOptions, batch_size: int) -> A
     o = options
     if attack.kind == "clean":
         return lambda model, x, y, gen, seed: x
+    if attack.kind == "fgsm":
+        return lambda model, x, y, gen, seed: pgd_linf(
+            model, x, y, eps=o.eps, step_size=o.eps, steps=1, random_start=False, generator=gen
+        )
     if attack.kind == "pgd" and attack.restarts:
         return lambda model, x, y, gen, seed: pgd_restarts(
             model,

@@ -2,6 +2,9 @@
 
     amata-eval ckpt=outputs/runs/.../best.ckpt attacks=[clean,pgd20,pgd100,cw_inf,cw_l2,autoattack]
 
+A run directory means its ``last.ckpt`` (the final model, not selected); ``best.ckpt`` (the epoch
+with the highest validation robust accuracy, never chosen on test images) only when named. The
+tool prints which checkpoint it evaluates and eval.json records it (``checkpoint_selection``).
 The model is rebuilt from the run's own saved config and evaluated on the run's test split (the
 first ``n_examples``, default all) under the run's threat model (``dataset.threat``, unless
 ``eps=``/``step_size=`` are given; a new eps alone scales the step with it).  Evaluations are
@@ -58,24 +61,25 @@ DEFAULT_ATTACKS = ("clean", "pgd20", "cw_l2")
 
 @dataclass
 class EvalOptions:
-    ckpt: str = MISSING  # a run's best.ckpt / last.ckpt, or its run directory
+    ckpt: str = MISSING  # a run's last.ckpt / best.ckpt, or its run directory (its last.ckpt)
     attacks: Any = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    # clean, fgsm, pgdK (pgdKxR: R restarts), cw_inf, cw_l2, autoattack; run in this order
     n_examples: int | None = None  # the first N test examples; default: the whole test split
-    batch_size: int = 500
-    device: str = "auto"
-    seed: int = 0
+    batch_size: int = 500  # examples per attack batch
+    device: str = "auto"  # auto (CUDA when there is a GPU), cpu, cuda, cuda:N
+    seed: int = 0  # seeds every batch's random start (a resumed evaluation gives the same result)
     eps: Any = None  # default: the run's dataset.threat.eps; fractions such as 8/255 work
     step_size: Any = None  # default: the run's dataset.threat.step_size (scaled with eps=)
-    cw_inf_steps: int = SuiteOptions.cw_inf_steps
-    cw_inf_kappa: float = SuiteOptions.cw_inf_kappa
+    cw_inf_steps: int = SuiteOptions.cw_inf_steps  # CW-inf: PGD steps on the CW margin loss
+    cw_inf_kappa: float = SuiteOptions.cw_inf_kappa  # CW-inf: margin confidence kappa
     cw_l2_c: Any = None  # default: the paper's value for the run's dataset (Appendix A)
-    cw_l2_steps: int = SuiteOptions.cw_l2_steps
-    cw_l2_lr: float = SuiteOptions.cw_l2_lr
-    cw_l2_kappa: float = SuiteOptions.cw_l2_kappa
-    cw_l2_init: str = SuiteOptions.cw_l2_init
-    cw_l2_keep: str = SuiteOptions.cw_l2_keep
-    autoattack_version: str = SuiteOptions.autoattack_version
-    autoattack_attacks: Any = field(default_factory=list)
+    cw_l2_steps: int = SuiteOptions.cw_l2_steps  # CW-L2: Adam steps
+    cw_l2_lr: float = SuiteOptions.cw_l2_lr  # CW-L2: Adam learning rate
+    cw_l2_kappa: float = SuiteOptions.cw_l2_kappa  # CW-L2: margin confidence kappa
+    cw_l2_init: str = SuiteOptions.cw_l2_init  # CW-L2: where the search starts
+    cw_l2_keep: str = SuiteOptions.cw_l2_keep  # CW-L2: which iterate counts as the attack
+    autoattack_version: str = SuiteOptions.autoattack_version  # AutoAttack's version preset
+    autoattack_attacks: Any = field(default_factory=list)  # with version=custom: its attacks
     dataset_root: str | None = None  # where the test data is, if not where the run found it
     output: str | None = None  # default: eval.json beside the checkpoint
     force: bool = False  # recompute attacks already in eval.json
@@ -222,6 +226,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
     from amata_runner.run_files import load_trained
 
     trained = load_trained(opts.ckpt, device)
+    print(f"{TOOL}: evaluating {trained.path} ({trained.selection})", file=sys.stderr)
     run_cfg = trained.cfg
     options = suite_options(opts, run_cfg)
     if opts.dataset_root is not None:
@@ -285,6 +290,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
             by_name[name] = earlier
     store.data.pop("autoattack_acc", None)
     store.data.update(_robustbench_fields(run_cfg, trained.path, epoch, options, n, by_name))
+    store.data["checkpoint_selection"] = trained.selection
     store.write()
     _print_table(rows)
     print(f"{TOOL}: wrote {out}", file=sys.stderr)
@@ -322,7 +328,7 @@ def _robustbench_fields(
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        run_tool(TOOL, evaluate_checkpoint, argv)
+        run_tool(TOOL, evaluate_checkpoint, argv, schema=EvalOptions, doc=__doc__)
     except KeyboardInterrupt:
         print(
             f"{TOOL}: interrupted; finished batches are in eval.json, rerun to resume",

@@ -33,8 +33,9 @@ class LandscapeOptions:
     grid: int = 41  # points per axis (the paper draws 100)
     span: Any = None  # half-width of the plane in pixel units; null: fits every trajectory
     trajectories: list[str] = field(default_factory=lambda: ["pgd40", "pgd2", "amata"])
+    # attack paths drawn on the plane: pgdK (K steps of step_size), amata (K annealed)
     pca_from: str = "pgd40"  # the trajectory whose PCA gives the first axis
-    eps: Any = None  # null: the run's method.eps, else its dataset.threat.eps
+    eps: Any = None  # L-inf radius; null: the run's method.eps, else its dataset.threat.eps
     step_size: Any = None  # PGD's alpha; null: the run's dataset.threat.step_size (MNIST 0.01)
     amata_k_min: int = 2  # Appendix C: Amata K 2 -> 40
     amata_k_max: int | None = None  # null: the run's dataset.threat.steps (MNIST 40)
@@ -44,7 +45,7 @@ class LandscapeOptions:
     seed: int = 0  # Rademacher direction (and random start)
     batch_size: int = 1024  # grid points per forward
     out: str | None = None  # output directory; null: beside the checkpoint
-    device: str = "auto"
+    device: str = "auto"  # auto (CUDA when there is a GPU), cpu, cuda, cuda:N
 
 
 def _check(opts: DictConfig) -> None:
@@ -166,7 +167,7 @@ def _body(argv: list[str]) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point; returns None (a console script exits with main's return value)."""
-    run_tool(TOOL, _body, argv)
+    run_tool(TOOL, _body, argv, schema=LandscapeOptions, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ inspect (``--help``, ``--cfg``, ``--info``) or change where configs come from ar
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,11 +20,42 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from amata_runner.cli.options import did_you_mean, type_message
 from amata_runner.config import resolve_config
 from amata_runner.data import check_available
 from amata_runner.errors import ConfigError
+
+def describe_options(group: str, conf_dir: str | None = None) -> str:
+    """``amata-run --help``: each option of a config group with the first sentence of its file's
+    leading comment, one line each (the ``${amata_options:GROUP}`` resolver of the help text)."""
+    if conf_dir is None:
+        from amata_runner.cli import config_dir
+
+        conf_dir = config_dir()
+    lines = []
+    files = sorted(Path(conf_dir, group).glob("*.yaml"))
+    width = max((len(f.stem) for f in files), default=0)
+    for path in files:
+        comment = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#"):
+                break
+            text = line.lstrip("#").strip()
+            if not text.startswith("@package"):
+                comment.append(text)
+        text = " ".join(comment)
+        # The first sentence: a full stop before a capital, not "et al." or "eq." or "e.g.".
+        first = re.split(r"(?<!\bal)(?<!\beq)(?<!e\.g)[.;]\s+(?=[A-Z(])", text, maxsplit=1)[0]
+        first = first.rstrip(".;")
+        if len(first) > 84:
+            first = first[:83].rstrip() + "…"
+        lines.append(f"  {path.stem:<{width}}  {first}".rstrip().replace("$", ""))
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("amata_options", describe_options, replace=True)
 
 _INSPECT_FLAGS = (
     "help",
@@ -84,7 +116,10 @@ def check_job(conf_dir: str, overrides: list[str]) -> None:
         except MissingConfigException as exc:
             raise _missing_option(exc) from exc
         except (HydraException, OmegaConfBaseException) as exc:
-            raise _composition_error(exc) from exc
+            error = _composition_error(exc)
+            if isinstance(exc.__cause__, (ConfigAttributeError, ConfigKeyError)):
+                error = _unknown_key(error, overrides)
+            raise error from exc
     resolved = resolve_config(cfg)
     check_available(resolved.dataset)
     check_model_fits(resolved)
@@ -166,10 +201,37 @@ def _composition_error(exc: BaseException) -> ConfigError:
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     key = getattr(cause, "full_key", None)
     message = getattr(cause, "msg", None) or _first_line(cause)
-    message = message.strip().splitlines()[0]
+    message = type_message(message.strip().splitlines()[0])
     if key:
         return ConfigError(key, _override_value(exc, key), message)
     return ConfigError("override", "", f"{_first_line(exc)}: {message}")
+
+
+def _unknown_key(error: ConfigError, overrides: list[str]) -> ConfigError:
+    """``epoch=3``: say which key was meant (``epochs``), from the keys beside the mistyped one.
+
+    Called inside check_job's config context: the config is composed again without the override
+    that names the unknown key, and its siblings are the candidates."""
+    key = str(error.key)
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        cfg = compose(config_name="config", overrides=rest)
+    except Exception:
+        return error
+    parent = key.rpartition(".")[0]
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return error
+    keys = [str(k) for k in node]
+    guess = did_you_mean(key, keys)
+    where = f"{parent}." if parent else ""
+    if guess:
+        allowed = f"unknown key; did you mean {guess}?"
+    else:
+        allowed = f"unknown key; the keys of {parent or 'the run'}: " + ", ".join(
+            where + k for k in keys
+        )
+    return ConfigError(key, error.value, allowed)
 
 
 def _override_value(exc: BaseException, key: str) -> str:

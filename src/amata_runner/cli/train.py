@@ -26,6 +26,7 @@ from amata_runner.data import check_available
 from amata_runner.distributed import from_env, init_process_group
 from amata_runner.errors import ConfigError, StorageError
 from amata_runner.interrupts import PREEMPTED_EXIT, ForcedStop, Preempted, StopRequests
+from amata_runner.logging import progress
 from amata_runner.nonfinite import NonFiniteLoss
 from amata_runner.run_dir import (
     RunDirBusy,
@@ -110,6 +111,8 @@ def _job(cfg: DictConfig, stop: StopRequests) -> float | None:
     if job.enabled:  # every rank works in rank 0's run directory (only rank 0 writes to it)
         init_process_group(job, use_cuda=cfg.device != "cpu" and _cuda_available())
         run_dir = Path(job.broadcast_text(str(run_dir) if job.is_main else None))
+    if job.is_main:  # the first line of every run: where to look (nothing is written there yet)
+        progress.say(f"run dir: {run_dir}")
     lock = RunLock(run_dir)
     try:
         if job.is_main:
@@ -151,10 +154,17 @@ def _locked_job(
         _fail(f"error: {exc}", 2, multirun, exc)
     except Preempted as exc:  # a checkpoint was written: the whole sweep stops, to be resumed
         _record(run_dir, "preempted", str(exc))
-        _fail(str(exc), PREEMPTED_EXIT, multirun, exc)
+        message = exc.continue_with(_continue_command(run_dir, multirun))
+        if is_main:
+            progress.ended(run_dir, f"preempted: {message}")
+        _fail(message, PREEMPTED_EXIT, multirun, exc)
     except ForcedStop as exc:
         _record(run_dir, "interrupted", str(exc))
-        _fail(f"{exc}; the last complete checkpoint was kept", 128 + exc.signum, multirun, exc)
+        message = f"{exc}; the last complete checkpoint was kept"
+        message += f"; to continue: {_continue_command(run_dir, multirun)}"
+        if is_main:
+            progress.ended(run_dir, f"interrupted: {message}")
+        _fail(message, 128 + exc.signum, multirun, exc)
     except KeyboardInterrupt:  # SIGINT where our handlers could not be installed (a thread)
         _record(run_dir, "interrupted")
         raise
@@ -168,10 +178,18 @@ def _locked_job(
         _record(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise
     _record(run_dir, "completed")
+    if is_main:
+        progress.finish(run_dir, "completed", summary)
     final = summary.get("final")
     if final:  # the number a sweeper (e.g. Optuna) maximises
         return float(next(iter(final["robust_accuracy"].values())))
     return float(summary["best"]["robust_accuracy"])
+
+
+def _continue_command(run_dir: Path, multirun: bool) -> str:
+    return progress.continue_command(
+        HydraConfig.get(), run_dir, multirun=multirun, world=from_env().world
+    )
 
 
 def _cuda_available() -> bool:

@@ -17,15 +17,19 @@ from amata_runner.data.folders import FOLDER_AUGMENTS, FOLDER_DATASETS, EvalImag
 from amata_runner.data.loader import Batch, CropFlip, DeviceLoader
 from amata_runner.data.registry import (
     DATASET_NAMES,
+    RunData,
     TestData,
     TrainData,
     check_available,
     eval_batches,
     eval_subset,
+    load_run_data,
     load_splits,
     make_train_loader,
+    split_validation,
 )
 from amata_runner.data.streaming import StreamingLoader
+from amata_runner.data.validation import ValidationSplit
 
 __all__ = [
     "DATASET_NAMES",
@@ -37,16 +41,20 @@ __all__ = [
     "EvalImages",
     "ImageFiles",
     "ImageSet",
+    "RunData",
     "StreamingLoader",
     "TestData",
     "TrainData",
+    "ValidationSplit",
     "check_available",
     "eval_batches",
     "eval_subset",
     "load_cifar10",
     "load_digits",
     "load_mnist",
+    "load_run_data",
     "load_splits",
     "make_synthetic",
     "make_train_loader",
+    "split_validation",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "caltech256_files",
     "check_tree",
     "eval_transform",
+    "hold_out",
     "imagenet_files",
     "load_folder_splits",
     "split_per_class",
@@ -212,6 +213,11 @@ class FileList:
     def build(paths: Sequence[str], labels: Sequence[int], classes: Sequence[str]) -> FileList:
         encoded = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
         return FileList(encoded, torch.tensor(list(labels), dtype=torch.int64), tuple(classes))
+
+    def subset(self, indices: torch.Tensor) -> FileList:
+        """The files at ``indices`` (in that order), with the same class names."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return FileList(self.paths[index.numpy()], self.labels[index], self.classes)
 
 
 def split_per_class(
@@ -456,6 +462,19 @@ class EvalImages:
 # --------------------------------------------------------------------------------------------------
 # From cfg.dataset.
 # --------------------------------------------------------------------------------------------------
+
+
+def hold_out(
+    train: ImageFiles, test: EvalImages, held: torch.Tensor, keep: torch.Tensor
+) -> tuple[ImageFiles, EvalImages]:
+    """(the training images at ``keep``, the ones at ``held`` seen as the test split is seen).
+
+    The held-out images are decoded with the test split's deterministic transform (resize +
+    center crop), never the training augmentation.
+    """
+    kept = ImageFiles(train.files.subset(keep), train.transform)
+    validation = ImageFiles(train.files.subset(held), test.data.transform)
+    return kept, EvalImages(validation, workers=test.workers, pin_memory=test.pin_memory)
 
 
 def load_folder_splits(cfg: DictConfig) -> tuple[ImageFiles, EvalImages]:

@@ -12,7 +12,9 @@ engine need not tell them apart.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -29,21 +31,26 @@ from amata_runner.data.folders import (
     EvalImages,
     ImageFiles,
     check_tree,
+    hold_out,
     load_folder_splits,
 )
 from amata_runner.data.loader import DeviceLoader
 from amata_runner.data.streaming import StreamingLoader
+from amata_runner.data.validation import ValidationSplit
 from amata_runner.errors import ConfigError
 
 __all__ = [
     "DATASET_NAMES",
+    "RunData",
     "TestData",
     "TrainData",
     "check_available",
     "eval_batches",
     "eval_subset",
+    "load_run_data",
     "load_splits",
     "make_train_loader",
+    "split_validation",
 ]
 
 TrainData = ImageSet | ImageFiles
@@ -99,6 +106,43 @@ def load_splits(cfg: DictConfig) -> tuple[TrainData, TestData]:
     if name in FOLDER_DATASETS:
         return load_folder_splits(cfg)
     raise ConfigError("dataset.name", name, "allowed: " + ", ".join(DATASET_NAMES))
+
+
+@dataclass
+class RunData:
+    """What a run trains and evaluates on: the training split less the validation images, those
+    images (None without a split), the test split, and which images were held out."""
+
+    train: TrainData
+    validation: TestData | None
+    test: TestData
+    split: ValidationSplit
+
+
+def split_validation(
+    train_set: TrainData, test_set: TestData, size: Any, seed: int
+) -> tuple[TrainData, TestData | None, ValidationSplit]:
+    """Hold ``eval.validation.size`` training images out (see ``data.validation``)."""
+    split = ValidationSplit.draw(train_set.labels, size, seed)
+    if split.count == 0:
+        return train_set, None, split
+    held, keep = split.indices, split.train_indices
+    if isinstance(train_set, ImageFiles):
+        assert isinstance(test_set, EvalImages)
+        train, validation = hold_out(train_set, test_set, held, keep)
+        return train, validation, split
+    kept = ImageSet(train_set.images[keep], train_set.labels[keep])
+    return kept, ImageSet(train_set.images[held], train_set.labels[held]), split
+
+
+def load_run_data(cfg: DictConfig) -> RunData:
+    """The splits of a run (``cfg``: the whole run config, for dataset and eval.validation)."""
+    train_set, test_set = load_splits(cfg.dataset)
+    validation = cfg.eval.validation
+    train, held, split = split_validation(
+        train_set, test_set, validation.size, int(validation.seed)
+    )
+    return RunData(train=train, validation=held, test=test_set, split=split)
 
 
 def make_train_loader(

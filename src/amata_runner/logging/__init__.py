@@ -1,4 +1,5 @@
-"""Metrics sinks: metrics.jsonl always (the source every report reads), W&B when asked for."""
+"""Metrics sinks: metrics.jsonl always (the source every report reads), W&B or TensorBoard
+when asked for."""
 
 from __future__ import annotations
 
@@ -76,12 +77,20 @@ def _wandb_sink(
 def build_sinks(
     cfg: DictConfig, run_dir: Path, *, resume_id: str | None, resolved: dict[str, Any]
 ) -> list[MetricsSink]:
-    """The sinks for this run; W&B is imported only when ``logger=wandb`` asks for it."""
+    """The sinks for this run; W&B / TensorBoard are imported only when the logger asks."""
     sinks: list[MetricsSink] = []
     if cfg.logger.name == "wandb":
         sink = _wandb_sink(cfg, run_dir, resume_id, resolved)
         if sink is not None:
             sinks.append(GuardedSink("W&B", sink))
+    if cfg.logger.name == "tensorboard":
+        from amata_runner.logging.tensorboard_sink import TensorBoardSink
+
+        try:
+            sinks.append(GuardedSink("TensorBoard", TensorBoardSink(run_dir, config=resolved)))
+        except Exception as exc:
+            first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("TensorBoard could not start (%s); logging to metrics.jsonl only", first)
     return sinks
 
 

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-METHOD_MODULES = ("fosc", "fat", "yopo", "free", "fast", "atta")
+METHOD_MODULES = ("fosc", "fat", "yopo", "free", "fast", "atta", "trades", "mart")
 
 SCHEMAS: dict[str, type] = {}
 CHECKS: dict[str, Callable[[Any], None]] = {}

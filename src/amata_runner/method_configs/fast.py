@@ -13,9 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from amata_runner.checks import at_least, one_of, positive_budget, require
-
-ATTACK_BN_MODES = ("eval", "train")
+from amata_runner.checks import ATTACK_BN_MODES, at_least, one_of, positive_budget, require
 
 
 @dataclass

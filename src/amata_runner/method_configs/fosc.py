@@ -10,10 +10,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from amata_runner.checks import at_least, one_of, positive_budget, require
+from amata_runner.checks import ATTACK_BN_MODES, at_least, one_of, positive_budget, require
 
 FOSC_ORIGINS = ("clean", "start")
-ATTACK_BN_MODES = ("eval", "train")
 
 
 @dataclass

@@ -28,6 +28,10 @@ IMPLEMENTATIONS: dict[str, str] = {
     "amata_fast": "fast",
     "atta": "atta",
     "amata_atta": "atta",
+    "trades": "trades",
+    "amata_trades": "trades",
+    "mart": "mart",
+    "amata_mart": "mart",
 }
 
 

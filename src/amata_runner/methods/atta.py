@@ -160,7 +160,7 @@ class ATTA(Method):
         with attack_mode(model, self.attack_bn), frozen_parameters(model), torch.enable_grad():
             for _ in range(self.steps):
                 delta.requires_grad_(True)
-                with self.ctx.autocast():
+                with self.attack_precision():
                     loss = F.cross_entropy(model(x + delta), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, delta)
                 delta = project(delta.detach() + self.step_size * grad.sign(), x, self.eps)

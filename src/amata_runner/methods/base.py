@@ -51,6 +51,11 @@ class TrainContext:
     iters_per_epoch: int
     epochs: int
     job: Dist = field(default_factory=Dist)  # torchrun ranks (world 1: a single process)
+    # A fixed batch of validation images (uint8, labels) for a method's own checks (Fast's early
+    # stop); None without a validation split. Never test images.
+    validation_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The attack's precision (precision=bf16_update: fp32 attack, bf16 update); None = autocast.
+    attack_autocast: Callable[[], AbstractContextManager[Any]] | None = None
 
 
 class Method(ABC):
@@ -104,6 +109,11 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
 
+    def attack_precision(self) -> AbstractContextManager[Any]:
+        """The autocast context of the attack's forward/backward passes (see precision.py)."""
+        attack = self.ctx.attack_autocast
+        return (self.ctx.autocast if attack is None else attack)()
+
     def update(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """One SGD step on the mean cross-entropy of (x, y), the model in train mode."""
         model, optimizer = self.ctx.model, self.ctx.optimizer
@@ -117,3 +127,27 @@ class Method(ABC):
         self.ctx.counter.add(x.shape[0])
         n = x.shape[0]
         return StepOutput(loss.detach().float() * n, (logits.argmax(1) == y).sum())
+
+    def pair_update(
+        self,
+        x: torch.Tensor,
+        x_adv: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> StepOutput:
+        """One SGD step on ``loss_fn(f(x), f(x_adv), y)`` (TRADES, MART), the model in train mode.
+
+        The clean and adversarial batches go through the network separately (BatchNorm sees each
+        batch's own statistics, as in both references); accuracy is counted on ``x_adv``."""
+        model, optimizer = self.ctx.model, self.ctx.optimizer
+        model.train()
+        with self.ctx.autocast():
+            logits = model(x)
+            logits_adv = model(x_adv)
+            loss = loss_fn(logits.float(), logits_adv.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = x.shape[0]
+        self.ctx.counter.add(n, forward=2, backward=2)
+        return StepOutput(loss.detach().float() * n, (logits_adv.argmax(1) == y).sum())

@@ -7,13 +7,13 @@
         delta <- delta + alpha * sign(grad_delta CE(h(x + delta), y))         alpha = 1.25 eps
         delta <- clip_[0,1](x + clip_[-eps,eps](delta)) - x
         theta <- theta - eta_i * grad_theta CE(h(x + delta), y)     eta_i: cyclic, per iteration
-    after each epoch (early_stop only): PGD-5 on the epoch's first batch; if its robust accuracy
-    fell by more than 0.2 since the previous epoch, put back the previous epoch's weights and stop.
+    after each epoch (early_stop only): PGD-5 on a check batch; if its robust accuracy fell by more
+    than 0.2 since the previous epoch, put back the previous epoch's weights and stop.
 
 The cyclic learning rate (0 -> optim.lr -> 0 over the run, stepped every iteration) is the
 engine's ``optim.lr_schedule=cyclic``, set by ``conf/method/fast.yaml``.
 
-Choices (``methods.md`` section 6, locuslab/fast_adversarial ``CIFAR10/train_fgsm.py``, the code
+Choices (docs/methods.md, Fast; locuslab/fast_adversarial ``CIFAR10/train_fgsm.py``, the code
 the Amata paper ran Amata+Fast with):
 
 - BatchNorm in train mode for the FGSM step and the early-stop check (``attack_bn``): the
@@ -29,9 +29,13 @@ the Amata paper ran Amata+Fast with):
   the gradient sign is + and at (weak_init - 1.25) eps = -0.75 eps where it is -, around one fixed
   point instead of a random one: a weaker attack.  weak_init <= 0.25 would give the full-strength
   zero-start FGSM, 1 the weakest (-0.25 eps).  The paper names no value; this is ours.
-- Early stop (``early_stop``, off by default as in the reference): the reference's rule exactly,
-  PGD-``early_stop_steps`` of ``early_stop_step_size`` with a random start on the epoch's first
-  training batch, robust accuracy compared with the previous epoch's (0 before the first); on a
+- Early stop (``early_stop``, off by default as in the reference): the reference's rule,
+  PGD-``early_stop_steps`` of ``early_stop_step_size`` with a random start on a check batch,
+  robust accuracy compared with the previous epoch's (0 before the first). The check batch is a
+  fixed batch of the validation split (``TrainContext.validation_batch``: held-out training
+  images, never test images; the same images every epoch, so the comparison is not blurred by
+  batch-to-batch noise); without a validation split (``eval.validation.size=0``) it is the epoch's
+  first training batch, as in the reference. On a
   drop of more than ``early_stop_drop`` the weights kept at the end of the last good epoch are
   loaded back and ``stop_requested`` ends the run.  The check reads one number to the host per
   epoch (unavoidable: training stops on it); the engine calls it with the train clock paused, so
@@ -108,6 +112,7 @@ class Fast(Method):
         self._kept: dict[str, torch.Tensor] | None = None  # weights after the last good epoch
         self._checked: float | None = None  # the last check's accuracy, for metrics()
         self._epoch_started = True
+        self._in_epoch = False  # a batch of the current epoch was trained, its check not yet run
 
     # ------------------------------------------------------------------ the start
     @staticmethod
@@ -139,14 +144,27 @@ class Fast(Method):
         checked, self._checked = self._checked, None
         return {"early_stop_robust_acc": checked}
 
+    def _check_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch this epoch's check runs on: the validation batch (pixels to [0,1]), or the
+        epoch's first training batch without a validation split; None before any batch."""
+        if not self._in_epoch:
+            return None
+        held = self.ctx.validation_batch
+        if held is None:
+            return self._first_batch
+        images, labels = held
+        return images.float().div(255.0), labels
+
     def stop_requested(self) -> bool:
         """The reference's early stop: True (weights restored) when robust accuracy collapsed."""
-        if not self.early_stop or self._first_batch is None:
+        batch = self._check_batch() if self.early_stop else None
+        if batch is None:
             return False
-        # Under torchrun every rank checks its own first batch; the mean makes them agree.
-        local = self.batch_robust_accuracy(*self._first_batch)
+        # Under torchrun every rank checks its own share of the batch; the mean makes them agree.
+        local = self.batch_robust_accuracy(*batch)
         accuracy = self.ctx.job.mean(local, self.ctx.device)
         self._first_batch = None
+        self._in_epoch = False
         self._checked = accuracy
         if accuracy - self.prev_robust_acc < -self.early_stop_drop:
             if self._kept is not None:
@@ -161,7 +179,8 @@ class Fast(Method):
         del epoch, control
 
     def state_dict(self) -> dict[str, Any]:
-        """The previous epoch's check; mid-epoch also the batch to check and the kept weights.
+        """The previous epoch's check; mid-epoch also the kept weights (and the batch to check,
+        when it is the epoch's first training batch).
 
         At an epoch end the kept weights are the checkpoint's own model; inside an epoch the model
         has moved on, so they (and the epoch's first batch) are saved explicitly.
@@ -169,8 +188,10 @@ class Fast(Method):
         if not self.early_stop:
             return {}
         state: dict[str, Any] = {"prev_robust_acc": float(self.prev_robust_acc)}
-        if self._first_batch is not None:
-            state["first_batch"] = list(self._first_batch)
+        if self._in_epoch:
+            state["mid_epoch"] = True
+            if self._first_batch is not None:
+                state["first_batch"] = list(self._first_batch)
             if self._kept is not None:
                 state["kept"] = self._kept
         return state
@@ -181,10 +202,12 @@ class Fast(Method):
         if not self.early_stop or "prev_robust_acc" not in state:
             return
         self.prev_robust_acc = float(state["prev_robust_acc"])
-        if "first_batch" in state:
-            x, y = state["first_batch"]
-            self._first_batch = (x.to(self.ctx.device), y.to(self.ctx.device))
+        if state.get("mid_epoch", "first_batch" in state):
+            if "first_batch" in state:
+                x, y = state["first_batch"]
+                self._first_batch = (x.to(self.ctx.device), y.to(self.ctx.device))
             self._epoch_started = False
+            self._in_epoch = True
             kept = state.get("kept")
             self._kept = None if kept is None else {k: v.clone() for k, v in kept.items()}
         else:
@@ -193,16 +216,17 @@ class Fast(Method):
     # ------------------------------------------------------------------ training
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         x, y = batch.x, batch.y
-        if self.early_stop and self._epoch_started:
-            self._first_batch = (x, y)  # the reference checks the epoch's first batch
+        if self.early_stop and self._epoch_started and self.ctx.validation_batch is None:
+            self._first_batch = (x, y)  # no validation split: the reference's first batch
         self._epoch_started = False
+        self._in_epoch = True
         x_adv = x + self.perturb(x, y, self.start(x, self.is_weak(control)))
         return self.update(x_adv, y)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """One FGSM step of step_size from ``start``, projected: the training perturbation."""
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.ctx.autocast():
+        with attack_mode(model, self.attack_bn), self.attack_precision():
             stepped = fgsm_delta(model, x, y, start, self.step_size)
         self.ctx.counter.add(x.shape[0])
         return project(x, stepped, self.eps)
@@ -210,7 +234,7 @@ class Fast(Method):
     def batch_robust_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """PGD robust accuracy on one batch, in the training BN mode (one host sync)."""
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.ctx.autocast():
+        with attack_mode(model, self.attack_bn), self.attack_precision():
             x_adv = pgd_linf(
                 model,
                 x,

@@ -148,7 +148,7 @@ class FAT(MeasuredMethod):
         del control
         x, y, model = batch.x, batch.y, self.ctx.model
         start = uniform_start(x, self.eps) if self.random_start else x.detach().clone()
-        with attack_mode(model, self.attack_bn), self.ctx.autocast():
+        with attack_mode(model, self.attack_bn), self.attack_precision():
             result = early_stopped_pgd(
                 model,
                 x,

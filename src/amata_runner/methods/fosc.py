@@ -10,7 +10,7 @@
             theta <- theta - eta grad_theta mean_i l(h(x_i^adv), y_i)
 
 with the first-order stationarity condition of the inner maximisation (paper eq. 15; for the
-L-inf ball the norm is the dual L1 norm, as methods.md 2.1 and the FOSC code have it)
+L-inf ball the norm is the dual L1 norm, as docs/methods.md, FOSC, and the code have it)
 
     FOSC(x^k) = eps * ||g||_1 - <x^k - x^0, g>,   g = grad_x l(h(x^k), y) per example,
 
@@ -151,7 +151,7 @@ class FOSC(MeasuredMethod):
         x, y, model = batch.x, batch.y, self.ctx.model
         start = uniform_start(x, self.eps) if self.random_start else x.detach().clone()
         rule = FOSCRule(x if self.fosc_origin == "clean" else start, self.eps, self.c)
-        with attack_mode(model, self.attack_bn), self.ctx.autocast():
+        with attack_mode(model, self.attack_bn), self.attack_precision():
             result = early_stopped_pgd(
                 model,
                 x,
@@ -178,7 +178,7 @@ class FOSC(MeasuredMethod):
     def _attack_losses(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example CE in attack mode (Keras ``predict``): one extra forward, counted."""
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.ctx.autocast(), torch.no_grad():
+        with attack_mode(model, self.attack_bn), self.attack_precision(), torch.no_grad():
             losses = F.cross_entropy(model(x_adv).float(), y, reduction="none")
         self.ctx.counter.add(x_adv.shape[0], forward=1, backward=0)
         return losses

@@ -14,7 +14,7 @@ first replay of a batch starts from where the previous batch left delta.  Each r
 forward and one backward of the batch, so Free-m costs what PGD-(m-1) costs per batch but makes m
 parameter updates.
 
-Choices, all from the reference implementations (``methods.md`` section 5):
+Choices, all from the reference implementations (docs/methods.md, Free):
 
 - m is ``method.steps`` and comes from the schedule's control (constant: Free-m; ``amata_free``:
   m rises from 2 to 4).  alpha is the control's step size, tau / m; under the constant schedule that

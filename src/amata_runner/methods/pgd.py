@@ -36,7 +36,7 @@ class PGD(Method):
         if control is None:
             raise ValueError("PGD needs a control (K, alpha) from a schedule")
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.ctx.autocast():
+        with attack_mode(model, self.attack_bn), self.attack_precision():
             x_adv = pgd_linf(
                 model,
                 batch.x,

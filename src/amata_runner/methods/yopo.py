@@ -25,7 +25,7 @@ perturbation of the inner loop j - 1) but not across mini-batches.  Under a sche
 sigma = tau / K_t (``control``): Amata+YOPO raises K and lowers sigma (``method=amata_yopo``).
 
 Choices where the reference code (a1600012888/YOPO-You-Only-Propagate-Once) deviates from the
-paper, or depends on details outside the algorithm, each a config key (see methods.md §4):
+paper, or depends on details outside the algorithm, each a config key (see docs/methods.md, YOPO):
 
 - ``layer_one_ce`` (default ``none``): does layer one *also* get the CE gradient of the m full
   passes?  The paper updates it only through the Hamiltonian (``none``).  The CIFAR code adds all
@@ -196,7 +196,7 @@ class YOPO(Method):
         with frozen_parameters(self._layer_one), torch.enable_grad():
             for _ in range(self.inner_steps):
                 x_adv.requires_grad_(True)
-                with self.ctx.autocast():
+                with self.attack_precision():
                     z = self._f0(x_adv if self.clip_start else x_adv.clamp(0.0, 1.0))
                 (grad,) = torch.autograd.grad(z, x_adv, grad_outputs=grad_z)
                 x_adv = x_adv.detach() + sigma * grad.sign()

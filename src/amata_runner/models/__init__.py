@@ -19,6 +19,7 @@ from amata_runner.models.normalize import Normalized
 from amata_runner.models.preact_resnet import PreActBlock, PreActResNet18
 from amata_runner.models.smallcnn import SmallCNN
 from amata_runner.models.timm_nets import TimmResNet, build_timm_resnet
+from amata_runner.models.wide_resnet import WideResNet
 
 __all__ = [
     "MODEL_NAMES",
@@ -29,10 +30,19 @@ __all__ = [
     "SmallCNN",
     "SplitAtLayerOne",
     "TimmResNet",
+    "WideResNet",
     "build_model",
 ]
 
-MODEL_NAMES: tuple[str, ...] = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50")
+MODEL_NAMES: tuple[str, ...] = (
+    "lenet",
+    "smallcnn",
+    "preactresnet18",
+    "resnet18",
+    "resnet50",
+    "wrn28_10",
+    "wrn34_10",
+)
 
 # Each builder takes (num_classes, channels, image_size); not every net needs image_size.
 _Builder = Callable[[int, int, int], nn.Module]
@@ -43,6 +53,8 @@ _BUILDERS: dict[str, _Builder] = {
     "preactresnet18": lambda k, c, s: PreActResNet18(num_classes=k, channels=c),
     "resnet18": lambda k, c, s: build_timm_resnet("resnet18", num_classes=k, channels=c),
     "resnet50": lambda k, c, s: build_timm_resnet("resnet50", num_classes=k, channels=c),
+    "wrn28_10": lambda k, c, s: WideResNet(depth=28, widen=10, num_classes=k, channels=c),
+    "wrn34_10": lambda k, c, s: WideResNet(depth=34, widen=10, num_classes=k, channels=c),
 }
 
 

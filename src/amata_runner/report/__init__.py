@@ -54,11 +54,13 @@ def write_report(
     smoothing: float | None = None,
     plots: bool = True,
     targets: list[float] = (),
+    baseline: str | None = None,
 ) -> Report:
     """Collect every run under ``paths`` and write the report files into ``out``.
 
     ``targets`` adds robust-error levels to the ones the runs logged, found on their metrics rows
-    by the runner's rule (the first evaluation at or below the level). Raises
+    by the runner's rule (the first evaluation at or below the level); ``baseline`` names the row
+    every ratio is taken against (a ConfigError when no row has that name). Raises
     ``FileNotFoundError`` when no run directory is found (the CLI turns it into one line).
     """
     from amata_runner.report.plots import plot_section, slug
@@ -74,7 +76,7 @@ def write_report(
             "no run directories (status.json, summary.json or metrics.jsonl) under "
             + ", ".join(str(p) for p in paths)
         )
-    sections = build_sections(runs, smoothing)
+    sections = build_sections(runs, smoothing, baseline)
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, list[str]] = {}
     written: list[Path] = []

@@ -23,6 +23,21 @@ IGNORED_KEYS = ("report.smoothing",)
 # default (0.6) for the rest.
 SMOOTHING_BY_DATASET = {"cifar10": 0.6, "mnist": 0.09, "fashion_mnist": 0.09, "digits": 0.09}
 DEFAULT_SMOOTHING = 0.6
+# Keys that name a configuration best when they are what differs, most telling first.
+LABEL_PRIORITY = (
+    "method.name",
+    "schedule.name",
+    "model.name",
+    "dataset.name",
+    "epochs",
+    "method.steps",
+    "method.step_size",
+    "schedule.k_min",
+    "schedule.k_max",
+    "schedule.eta",
+    "optim.lr",
+    "batch_size",
+)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -129,6 +144,34 @@ class Configuration:
         return "" if row is None else str(row)
 
     @property
+    def seeds(self) -> list[Any]:
+        """The seed of each completed run, in run order (repeats kept)."""
+        found = []
+        for run in self.completed:
+            seed = run.config.get("seed")
+            if seed is None and run.summary:
+                seed = run.summary.get("seed")
+            found.append(seed)
+        return found
+
+    @property
+    def repeated_seeds(self) -> dict[Any, int]:
+        """Seeds that more than one completed run used, with how many runs used each."""
+        counts: dict[Any, int] = {}
+        for seed in self.seeds:
+            counts[seed] = counts.get(seed, 0) + 1
+        return {seed: n for seed, n in counts.items() if n > 1}
+
+    def seeds_text(self) -> str:
+        """Distinct seeds; ``1 (3 runs, seed 0 ×3)`` when runs repeat a seed."""
+        distinct = len(set(map(str, self.seeds)))
+        repeats = self.repeated_seeds
+        if not repeats:
+            return str(distinct)
+        which = ", ".join(f"seed {seed} ×{n}" for seed, n in repeats.items())
+        return f"{distinct} ({len(self.seeds)} runs: {which})"
+
+    @property
     def devices(self) -> str:
         found = {str(r.summary.get("device")) for r in self.completed if r.summary}
         return ", ".join(sorted(found))
@@ -233,9 +276,9 @@ def name_configurations(configs: list[Configuration]) -> None:
     differing = _differing_keys(configs)
     for config in configs:
         own = [o for o in overrides[id(config)] if len(configs) == 1 or o not in shared]
-        if not own and len(configs) > 1:
+        if not own and len(configs) > 1:  # runs given one by one: name them by what differs
             flat = json.loads(config.key)
-            own = [f"{k}={flat.get(k)}" for k in differing[:4]]
+            own = [f"{k}={_short(flat.get(k))}" for k in sorted(differing, key=_priority)[:3]]
         config.label = " ".join(own)
     rows = [c.row_key for c in configs]
     for config, row in zip(configs, rows, strict=True):
@@ -246,6 +289,17 @@ def name_configurations(configs: list[Configuration]) -> None:
         common = set.intersection(*(set(overrides[id(c)]) for c in twins))
         extra = [o for o in overrides[id(config)] if o not in common]  # what tells twins apart
         config.row = f"{row} [{' '.join(extra)}]" if len(twins) > 1 and extra else row
+
+
+def _priority(key: str) -> tuple[int, str]:
+    order = LABEL_PRIORITY.index(key) if key in LABEL_PRIORITY else len(LABEL_PRIORITY)
+    return order, key
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def link_baselines(configs: list[Configuration]) -> None:
@@ -261,6 +315,19 @@ def link_baselines(configs: list[Configuration]) -> None:
             continue
         mine = set(_distinct_overrides(config))
         config.baseline = max(candidates, key=lambda c: len(mine & set(_distinct_overrides(c))))
+
+
+def set_baseline(configs: list[Configuration], wanted: str) -> bool:
+    """Take every ratio against the configuration named ``wanted`` (its row or its label);
+    False when no configuration is so named."""
+    chosen = next(
+        (c for c in configs if wanted in (c.row, c.row_key, c.label) and wanted), None
+    )
+    if chosen is None:
+        return False
+    for config in configs:
+        config.baseline = chosen
+    return True
 
 
 def smoothing_for(configs: list[Configuration], override: float | None) -> float:

@@ -8,6 +8,7 @@ without it and plotting never needs a display.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -23,7 +24,6 @@ X_AXES = {
     "passes": (None, "forward + backward passes"),
 }
 ERRORS = (("clean_error", "clean error"), ("robust_error", "robust error"))
-GRID_POINTS = 200
 
 
 def slug(text: str) -> str:
@@ -52,24 +52,25 @@ def mean_curve(curves: list[tuple[Any, Any]]) -> tuple[Any, Any] | None:
     """Mean of several runs' curves.
 
     Seeds of one configuration evaluate at the same points (epoch ends), so point i is averaged
-    over seeds, x and y alike; curves of different lengths are interpolated onto the x span every
-    one of them covers instead.
+    over the seeds that reached it, x and y alike: a run that stopped early (interrupted, failed)
+    contributes the points it has and the mean goes on over the others, to the longest curve.
     """
     curves = [(x, y) for x, y in curves if len(x)]
     if not curves:
         return None
-    if len({len(x) for x, _ in curves}) == 1:
-        return np.mean([x for x, _ in curves], axis=0), np.mean([y for _, y in curves], axis=0)
-    low = max(float(x[0]) for x, _ in curves)
-    high = min(float(x[-1]) for x, _ in curves)
-    if high < low:
-        return None
-    grid = np.linspace(low, high, GRID_POINTS) if high > low else np.array([low])
-    return grid, np.mean([np.interp(grid, x, y) for x, y in curves], axis=0)
+    longest = max(len(x) for x, _ in curves)
+    xs, ys = [], []
+    for i in range(longest):
+        having = [(x[i], y[i]) for x, y in curves if len(x) > i]
+        xs.append(float(np.mean([p[0] for p in having])))
+        ys.append(float(np.mean([p[1] for p in having])))
+    return np.asarray(xs), np.asarray(ys)
 
 
 def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
     """Write ``<prefix>error_vs_seconds.png`` and ``<prefix>error_vs_passes.png``."""
+    # matplotlib announces building its font cache at INFO, which a sweep's logging would print.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +78,8 @@ def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
 
     written: list[Path] = []
     targets = _robust_targets(section)
+    attack = section.eval_attack
+    legends = legend_labels(section)
     for axis, (_, x_label) in X_AXES.items():
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
         drawn = False
@@ -99,14 +102,24 @@ def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
                         linewidth=2.0,
                         marker="o",
                         markersize=3,
-                        label=config.row,
+                        label=legends[index],
                     )
                     drawn = True
             if metric == "robust_error":
                 for target in targets:
                     ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+                    ax.annotate(
+                        f"target {target:g}",
+                        xy=(0.0, target),
+                        xycoords=("axes fraction", "data"),
+                        xytext=(3, 2),
+                        textcoords="offset points",
+                        fontsize="small",
+                        color="dimgrey",
+                    )
             ax.set_xlabel(x_label)
-            ax.set_ylabel(y_label)
+            robust = metric == "robust_error" and attack
+            ax.set_ylabel(f"{y_label} ({attack})" if robust else y_label)
             ax.grid(alpha=0.3)
         if drawn:
             axes[0][1].legend(fontsize="small")
@@ -119,6 +132,19 @@ def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
         os.replace(tmp, path)  # concurrent writers (a sweep's callbacks) never leave a torn file
         written.append(path)
     return written
+
+
+def legend_labels(section: Section) -> list[str]:
+    """Each configuration's legend entry: its row name, plus what tells it apart from another
+    configuration of the same name (its label) so no two entries read alike."""
+    labels = []
+    for config in section.configs:
+        twins = [c for c in section.configs if c.row == config.row]
+        text = config.row
+        if len(twins) > 1 and config.label and config.label != config.row:
+            text = f"{config.row} ({config.label})"
+        labels.append(text)
+    return labels
 
 
 def _robust_targets(section: Section) -> list[float]:

@@ -17,21 +17,34 @@ An experiment names its rows and the published values in two blocks of its confi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from amata_runner.errors import ConfigError
 from amata_runner.report.aggregate import (
     Configuration,
     Stat,
     group_runs,
     link_baselines,
     name_configurations,
+    set_baseline,
     smoothing_for,
     stat,
 )
 from amata_runner.report.runs import Run
 
 UNTITLED = "Runs"
+# How titles spell the datasets (an experiment's title names the dataset it was written for).
+DATASET_NAMES = {
+    "cifar10": "CIFAR10",
+    "mnist": "MNIST",
+    "fashion_mnist": "Fashion-MNIST",
+    "digits": "digits",
+    "caltech256": "Caltech256",
+    "imagenet": "ImageNet",
+    "synthetic": "synthetic",
+}
 
 
 @dataclass
@@ -72,6 +85,22 @@ class Section:
             text = f"dataset {dataset}, model {model}"
             if text not in found:
                 found.append(text)
+        return "; ".join(found)
+
+    @property
+    def eval_attack(self) -> str:
+        """What "robust error" means on the curves and targets: the periodic evaluation's attack
+        and how many test images it used (``pgd10 on 512 test images``)."""
+        found: list[str] = []
+        for config in self.configs:
+            for run in config.runs:
+                for row in run.rows[-1:]:
+                    attack, images = row.get("eval_attack"), row.get("eval_examples")
+                    if attack is None:
+                        continue
+                    text = f"{attack} on {images} test images" if images else str(attack)
+                    if text not in found:
+                        found.append(text)
         return "; ".join(found)
 
     def paper_rows(self) -> dict[str, dict[str, Any]]:
@@ -193,15 +222,45 @@ def section_title(config: dict[str, Any]) -> str:
     return UNTITLED
 
 
-def build_sections(runs: list[Run], smoothing: float | None = None) -> list[Section]:
-    """Group runs by experiment title, then into configurations; name and link each."""
+def retitle(title: str, runs: list[Run]) -> str:
+    """An experiment's title with the dataset its runs really used: a ``dataset=digits`` sweep of
+    a CIFAR10 experiment is titled "... on digits (experiment: CIFAR10)", not "... on CIFAR10"."""
+    used = {str((r.config.get("dataset") or {}).get("name", "")) for r in runs} - {""}
+    if len(used) != 1:
+        return title
+    actual = used.pop()
+    spelled = DATASET_NAMES.get(actual, actual)
+    for name, written in DATASET_NAMES.items():
+        if name == actual:
+            continue
+        pattern = re.compile(rf"(?<![\w-]){re.escape(written)}(?![\w-])")
+        if pattern.search(title):
+            return pattern.sub(spelled, title, count=1) + f" (experiment: {written})"
+    return title
+
+
+def build_sections(
+    runs: list[Run], smoothing: float | None = None, baseline: str | None = None
+) -> list[Section]:
+    """Group runs by experiment title, then into configurations; name and link each.
+
+    ``baseline`` (amata-report's ``baseline=<row>``) replaces the experiments' own baselines;
+    a name that matches no row is a ConfigError listing the rows."""
     by_title: dict[str, list[Run]] = {}
     for run in runs:
         by_title.setdefault(section_title(run.config), []).append(run)
     sections = []
+    found = baseline is None
     for title, members in by_title.items():
         configs = group_runs(members)
         name_configurations(configs)
         link_baselines(configs)
-        sections.append(Section(title, configs, smoothing_for(configs, smoothing)))
+        if baseline is not None:
+            found = set_baseline(configs, baseline) or found
+        sections.append(
+            Section(retitle(title, members), configs, smoothing_for(configs, smoothing))
+        )
+    if not found:
+        rows = [c.row for s in sections for c in s.configs]
+        raise ConfigError("baseline", baseline, "one of the report's rows: " + ", ".join(rows))
     return sections

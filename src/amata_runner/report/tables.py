@@ -122,6 +122,40 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _drop_empty_columns(header: list[str], rows: list[list[str]]) -> tuple[list, list]:
+    """Columns with nothing to say in any row (all dashes; "failed" all zero) are left out."""
+    keep = []
+    for i, name in enumerate(header):
+        cells = [r[i] for r in rows]
+        empty = all(c in (DASH, "") for c in cells) or (
+            name == "failed" and all(c == "0" for c in cells)
+        )
+        if i == 0 or not empty:
+            keep.append(i)
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
+def repeated_seeds_note(section: Section) -> str | None:
+    """Said when runs of one configuration share a seed: their spread is not seed variance."""
+    parts = []
+    for config in section.configs:
+        repeats = config.repeated_seeds
+        if repeats:
+            which = ", ".join(f"seed {seed} ×{n}" for seed, n in repeats.items())
+            parts.append(f"{config.row} ({which})")
+    if not parts:
+        return None
+    return (
+        "Runs repeat a seed in " + "; ".join(parts) + ": the seeds column counts distinct "
+        "seeds, and the ± over repeated seeds measures run-to-run nondeterminism, not the "
+        "spread over seeds."
+    )
+
+
 def results_table(section: Section) -> str:
     header = ["row", "config", "seeds", "failed", "clean acc %"]
     header += [f"{a} acc %" for a in section.attacks]
@@ -135,7 +169,7 @@ def results_table(section: Section) -> str:
         cells = [
             config.row,
             config.label if config.label and config.label != config.row else DASH,
-            str(len(config.completed)),
+            config.seeds_text(),
             str(len(config.failed)),
             fmt_stat(config.clean_accuracy, 100),
         ]
@@ -153,7 +187,7 @@ def results_table(section: Section) -> str:
             cells += [seconds, passes, ratio_pair(mine, theirs)]
         cells += [config.devices or DASH, config.status_text()]
         rows.append(cells)
-    return _md_table(header, rows)
+    return _md_table(*_drop_empty_columns(header, rows))
 
 
 def paper_table(section: Section) -> str | None:
@@ -187,7 +221,7 @@ def markdown(sections: list[Section], sources: list[str], plots: dict[str, list[
     lines = [
         "# amata-report",
         "",
-        f"{runs} runs from: " + ", ".join(f"`{s}`" for s in sources),
+        f"{plural(runs, 'run')} from: " + ", ".join(f"`{s}`" for s in sources),
         "",
         "Every number below was read from the runs' summary.json / metrics.jsonl files; the "
         "*paper* columns are the published values, measured on the paper's hardware. Accuracies "
@@ -195,8 +229,18 @@ def markdown(sections: list[Section], sources: list[str], plots: dict[str, list[
         "train-only seconds; targets are the first evaluation point at or below the error.",
     ]
     for section in sections:
-        lines += ["", f"## {section.title}", "", f"{section.description}.", ""]
-        lines += [results_table(section)]
+        lines += ["", f"## {section.title}", "", f"{section.description}."]
+        if section.eval_attack:
+            lines += [
+                "",
+                f"Robust error (curves, targets): {section.eval_attack}, the evaluation subset "
+                "measured at every evaluation point; the accuracy columns are the final attacks "
+                "on the whole test set.",
+            ]
+        lines += ["", results_table(section)]
+        note = repeated_seeds_note(section)
+        if note:
+            lines += ["", note]
         compared = paper_table(section)
         if compared:
             paper = section.paper or {}
@@ -229,7 +273,8 @@ def csv_text(sections: list[Section]) -> str:
                 "section": section.title,
                 "row": config.row,
                 "config": config.label,
-                "seeds": len(config.completed),
+                "seeds": len(set(map(str, config.seeds))),
+                "runs": len(config.completed),
                 "failed": len(config.failed),
                 "status": config.status_text(),
                 "device": config.devices,

@@ -1,0 +1,109 @@
+"""Training precision (``precision=``) and the compiled step (``compile=``).
+
+Precision modes (evaluation is always fp32, whatever is chosen here):
+
+- ``fp32``: no autocast anywhere.
+- ``bf16``: bf16 autocast for the attack's forward/backward *and* the weight update.
+- ``bf16_update``: the attack (the sign steps that build the training examples) in fp32, the
+  weight update under bf16 autocast.  A PGD step is ``sign(grad_x)``: bf16 input gradients flip
+  the sign of some pixels, which may weaken the training attack; this mode keeps the attack exact
+  and takes bf16's speed where the weight gradient is only averaged.
+- ``auto``: what the evidence in docs/benchmarks.md supports on CUDA (see ``AUTO_CUDA``); fp32
+  on the CPU.
+
+Methods whose attack and update share one backward (Free, YOPO's layer-one pass) run that pass
+under the update's precision.
+
+``compile=true`` wraps the model's forward in ``torch.compile`` (inductor; on CUDA in
+``reduce-overhead`` mode, i.e. CUDA graphs, since training batches have a static shape), so both
+the attack's forward/backward and the update's go through the compiled graph.  One compiled module
+serves every K of Amata's schedule: the attack loop is Python around it, so a new K is more calls,
+not a new graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16", "bf16_update")
+# precision=auto on CUDA.  Chosen from the bf16-vs-fp32 sweep in docs/benchmarks.md.
+AUTO_CUDA = "bf16_update"
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The concrete mode for ``precision`` on ``device`` (``auto`` resolved)."""
+    if precision == "auto":
+        return AUTO_CUDA if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _bf16(device: torch.device) -> AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The two autocast contexts of a training step: the attack's and the update's."""
+
+    mode: str
+    device: torch.device
+
+    def update(self) -> AbstractContextManager[Any]:
+        return _bf16(self.device) if self.mode in ("bf16", "bf16_update") else nullcontext()
+
+    def attack(self) -> AbstractContextManager[Any]:
+        return _bf16(self.device) if self.mode == "bf16" else nullcontext()
+
+    @property
+    def autocasts(self) -> tuple[Callable[[], AbstractContextManager[Any]], ...]:
+        """(update, attack) as callables, the form TrainContext takes."""
+        return self.update, self.attack
+
+
+def compile_mode(device: torch.device, static_shapes: bool = True) -> str | None:
+    """torch.compile's mode: CUDA graphs (reduce-overhead) on CUDA when shapes are static."""
+    if device.type == "cuda" and static_shapes:
+        return "reduce-overhead"
+    return None  # inductor's default mode
+
+
+class CompiledForward(nn.Module):
+    """``model`` with its forward compiled; parameters, buffers and state_dict stay the model's.
+
+    Only ``forward`` goes through ``torch.compile``: ``train()``/``eval()``, ``parameters()``
+    and checkpoints act on the wrapped model itself (its state_dict keys are unchanged, so a
+    checkpoint written with compile=true loads with compile=false and back).  Autograd runs
+    through the compiled graph (AOTAutograd), so the attack's input gradient and the update's
+    weight gradient are both compiled.  ``dynamic=False``: a batch of a new size (the last,
+    smaller batch of an evaluation) is one more graph, never a dynamic-shape graph for all.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.inner = model
+        # Not registered as a submodule: modules()/parameters() list the model once.
+        compiled = torch.compile(model, mode=compile_mode(device), dynamic=False)
+        object.__setattr__(self, "_compiled", compiled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compiled(x)
+
+    # The wrapped model's own state, not "inner."-prefixed keys.
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.inner.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.inner.load_state_dict(*args, **kwargs)
+
+
+def maybe_compile(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
+    """The module the training step calls: ``model`` itself, or its compiled forward."""
+    return CompiledForward(model, device) if enabled else model
