@@ -12,6 +12,19 @@ machine-to-machine noise. One JSON line per case, stable keys, so results can be
         --batch 128 --steps 10 --iters 50
     python scripts/bench_throughput.py --amata 2,10,100 --model preactresnet18 --shape 3x32x32
 
+``--compile both`` also times the project's step with ``compile=true`` (torch.compile; inductor on
+the CPU, CUDA graphs on CUDA) in the same alternating rounds and prints ``compiled_images_per_s``
+and ``compile_speedup`` (compiled over eager images/s); ``--compile on`` times only the compiled
+step as "ours".  Compilation happens in the warm-up, outside the timed rounds.
+
+Distance to the hardware limit: every case prints ``model_flop_per_s`` (the model's forward +
+backward FLOPs per image, counted once with ``torch.utils.flop_counter``, times the passes the step
+made, per second) and ``peak_fraction``, that over ``peak_flop_per_s``, the dense-matmul rate this
+device reaches in the same precision, measured in the same run.  The convention is the usual
+"model FLOPs utilisation": each pass is costed as a full forward + backward (weight and input
+gradients), although an attack's backward forms input gradients only, so the figure is the useful
+model work per second, comparable between a laptop CPU and an H100.
+
 ``--amata KMIN,KMAX,EPOCHS`` times the project's PGD step at every K in [KMIN, KMAX] and projects
 the total train time of Amata's linear schedule (Algorithm 1) against PGD-KMAX over EPOCHS epochs
 of 50k images, printing that ratio (the paper's claim: about 0.6).
@@ -20,13 +33,13 @@ of 50k images, printing that ratio (the paper's claim: about 0.6).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -41,6 +54,7 @@ from amata_runner.data.loader import Batch
 from amata_runner.methods import TrainContext, build_method
 from amata_runner.nonfinite import GuardedSGD
 from amata_runner.passes import PassCounter
+from amata_runner.precision import Precision, maybe_compile, training_precision
 from amata_runner.run_files import build_model_for
 from amata_runner.schedules import Control
 
@@ -57,11 +71,12 @@ class Case:
     classes: int
     batch: int
     steps: int
-    precision: str  # bf16 | fp32 (the project's training precision; the reference is fp32)
+    precision: str  # fp32 | bf16 | bf16_update (the project's; the reference is fp32)
     iters: int
     warmup: int
     rounds: int
     device: torch.device
+    compile: str = "off"  # off | on | both (time eager and compiled)
 
 
 def compose_run(case: Case) -> Any:
@@ -118,23 +133,25 @@ def timed(steps: dict[str, Callable[[int], None]], case: Case) -> dict[str, tupl
     return {name: (statistics.median(samples[name]), peaks[name]) for name in steps}
 
 
-def project_step(case: Case, data: tuple[torch.Tensor, torch.Tensor]) -> Callable[[int], None]:
+def project_step(
+    case: Case,
+    data: tuple[torch.Tensor, torch.Tensor],
+    compiled: bool = False,
+    counter: PassCounter | None = None,
+) -> Callable[[int], None]:
     cfg = compose_run(case)
+    torch.manual_seed(0)
     model = build_model_for(cfg, case.device)
     optimizer = GuardedSGD(
         model.parameters(), lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay
     )
-
-    def autocast() -> AbstractContextManager[Any]:
-        if case.precision == "bf16":
-            return torch.autocast(case.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
+    precision = Precision(case.precision, case.device)
     ctx = TrainContext(
-        model=model,
+        model=maybe_compile(model, compiled, case.device),
         optimizer=optimizer,
-        counter=PassCounter(),
-        autocast=autocast,
+        counter=PassCounter() if counter is None else counter,
+        autocast=precision.update,
+        attack_autocast=precision.attack,
         device=case.device,
         num_train=case.batch * 4,
         image_shape=(case.channels, case.size, case.size),
@@ -160,8 +177,11 @@ def project_step(case: Case, data: tuple[torch.Tensor, torch.Tensor]) -> Callabl
     return step
 
 
-def reference_step(case: Case, data: tuple[torch.Tensor, torch.Tensor]) -> Callable[[int], None]:
+def reference_step(
+    case: Case, data: tuple[torch.Tensor, torch.Tensor], counter: PassCounter | None = None
+) -> Callable[[int], None]:
     """The loop as reference repos write it: fp32, NCHW, eager, weight grads in the attack."""
+    counter = PassCounter() if counter is None else counter
     cfg = compose_run(case)
     torch.manual_seed(0)
     model = build_model_for(cfg, torch.device("cpu")).to(case.device)  # NCHW, fp32
@@ -174,6 +194,7 @@ def reference_step(case: Case, data: tuple[torch.Tensor, torch.Tensor]) -> Calla
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
+        counter.add(x.shape[0])
 
     def step(i: int) -> None:
         offset = (i % 4) * case.batch
@@ -188,6 +209,7 @@ def reference_step(case: Case, data: tuple[torch.Tensor, torch.Tensor]) -> Calla
                 optimizer.zero_grad()
                 F.cross_entropy(model((x + delta).clamp(0, 1)), y).backward()
                 optimizer.step()
+                counter.add(case.batch)
                 carried.copy_((delta + eps * delta.grad.sign()).clamp(-eps, eps).detach())
             return
         delta = torch.empty_like(x).uniform_(-eps, eps)
@@ -197,6 +219,7 @@ def reference_step(case: Case, data: tuple[torch.Tensor, torch.Tensor]) -> Calla
             loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
             loss.backward()  # the reference's way: parameter gradients formed and discarded
             delta = (delta + size * delta.grad.sign()).clamp(-eps, eps).detach()
+            counter.add(case.batch)
         update((x + delta).clamp(0, 1), y)
 
     return step
@@ -220,11 +243,89 @@ def environment(case: Case) -> dict[str, Any]:
     }
 
 
+def model_flops(case: Case) -> tuple[float, float]:
+    """FLOPs of one forward and of one full backward (weights and input) per image.
+
+    Counted by ``torch.utils.flop_counter`` (matmuls and convolutions; elementwise work is not
+    counted) on a small batch on the CPU: the count is linear in the batch and the same on every
+    device and in every precision.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = compose_run(Case(**{**case.__dict__, "device": torch.device("cpu")}))
+    model = build_model_for(cfg, torch.device("cpu")).train()
+    n = 2
+    x = torch.rand(n, case.channels, case.size, case.size, requires_grad=True)
+    y = torch.arange(n) % case.classes
+    with FlopCounterMode(display=False) as forward:
+        loss = F.cross_entropy(model(x), y)
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    return forward.get_total_flops() / n, backward.get_total_flops() / n
+
+
+def matmul_peak(case: Case) -> float:
+    return _matmul_peak(case.device, torch.bfloat16 if case.precision == "bf16" else torch.float32)
+
+
+@functools.cache
+def _matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """The dense-matmul FLOP/s this device reaches in the attack's precision, measured now.
+
+    bf16 for precision=bf16, fp32 otherwise (the attack's passes dominate a PGD step, and
+    bf16_update attacks in fp32); on CUDA fp32 matmuls use TF32, as the training step does.
+    Best of several timed trials of square matmuls, so it is an achievable ceiling; measured once
+    per process for each device and dtype.
+    """
+    n = 8192 if device.type == "cuda" else 1024
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device, dtype)
+    b = torch.randn(n, n, generator=generator).to(device, dtype)
+    reps = 20 if device.type == "cuda" else 2
+    best = math.inf
+    for trial in range(6):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        synchronize(device)
+        if trial:  # the first trial is a warm-up
+            best = min(best, (time.perf_counter() - start) / reps)
+    return 2 * n**3 / best
+
+
 def run_case(case: Case) -> dict[str, Any]:
     data = make_data(case)
-    times = timed({"ours": project_step(case, data), "ref": reference_step(case, data)}, case)
+    counters = {"ours": PassCounter(), "compiled": PassCounter(), "ref": PassCounter()}
+    steps: dict[str, Callable[[int], None]] = {}
+    if case.compile in ("off", "both"):
+        steps["ours"] = project_step(case, data, counter=counters["ours"])
+    if case.compile in ("on", "both"):
+        name = "compiled" if case.compile == "both" else "ours"
+        steps[name] = project_step(case, data, compiled=True, counter=counters[name])
+    steps["ref"] = reference_step(case, data, counter=counters["ref"])
+    calls = dict.fromkeys(steps, 0)
+
+    def counted(name: str, step: Callable[[int], None]) -> Callable[[int], None]:
+        def call(i: int) -> None:
+            calls[name] += 1
+            step(i)
+
+        return call
+
+    times = timed({name: counted(name, step) for name, step in steps.items()}, case)
+    forward_flops, backward_flops = model_flops(case)
+    peak = matmul_peak(case)
+
+    def flop_per_s(name: str) -> float:
+        counter = counters[name]
+        per_step = (counter.forward * forward_flops + counter.backward * backward_flops) / max(
+            calls[name], 1
+        )
+        return per_step / times[name][0]
+
     (ours, ours_peak), (theirs, theirs_peak) = times["ours"], times["ref"]
-    return {
+    row: dict[str, Any] = {
         **environment(case),
         "method": case.method,
         "model": case.model,
@@ -232,23 +333,40 @@ def run_case(case: Case) -> dict[str, Any]:
         "batch": case.batch,
         "steps": case.steps,
         "precision": case.precision,
+        "compile": case.compile == "on",
         "reference": REFERENCE_KINDS.get(case.method, "pgd") + " fp32 nchw eager",
         "iters": case.iters,
-        "images_per_s": round(case.batch / ours, 1),
-        "reference_images_per_s": round(case.batch / theirs, 1),
+        "images_per_s": round(case.batch / ours, 3),
+        "reference_images_per_s": round(case.batch / theirs, 3),
         "ratio": round(theirs / ours, 3),
         "s_per_50k_epoch": round(EPOCH_IMAGES / case.batch * ours, 3),
         "reference_s_per_50k_epoch": round(EPOCH_IMAGES / case.batch * theirs, 3),
         "peak_mem_mib": round(ours_peak, 1),
         "reference_peak_mem_mib": round(theirs_peak, 1),
+        "model_gflop_per_image": round((forward_flops + backward_flops) / 1e9, 6),
+        "passes_per_step": round(counters["ours"].forward / max(calls["ours"], 1) / case.batch, 3),
+        "model_flop_per_s": float(f"{flop_per_s('ours'):.4g}"),
+        "reference_model_flop_per_s": float(f"{flop_per_s('ref'):.4g}"),
+        "peak_flop_per_s": float(f"{peak:.4g}"),
+        "peak_dtype": "bf16" if case.precision == "bf16" else "fp32",
+        "peak_fraction": round(flop_per_s("ours") / peak, 4),
+        "reference_peak_fraction": round(flop_per_s("ref") / peak, 4),
     }
+    if case.compile == "both":
+        compiled = times["compiled"][0]
+        row["compiled_images_per_s"] = round(case.batch / compiled, 3)
+        row["compile_speedup"] = round(ours / compiled, 3)
+        row["compiled_model_flop_per_s"] = float(f"{flop_per_s('compiled'):.4g}")
+        row["compiled_peak_fraction"] = round(flop_per_s("compiled") / peak, 4)
+        row["compiled_peak_mem_mib"] = round(times["compiled"][1], 1)
+    return row
 
 
 def amata_projection(case: Case, k_min: int, k_max: int, epochs: int) -> dict[str, Any]:
     """Project Amata's total train time from the measured cost of each K (Algorithm 1's K_t)."""
     data = make_data(case)
     steps = {
-        str(k): project_step(Case(**{**case.__dict__, "steps": k}), data)
+        str(k): project_step(Case(**{**case.__dict__, "steps": k}), data, case.compile == "on")
         for k in range(k_min, k_max + 1)
     }
     per_k = {int(k): seconds for k, (seconds, _) in timed(steps, case).items()}
@@ -263,6 +381,7 @@ def amata_projection(case: Case, k_min: int, k_max: int, epochs: int) -> dict[st
         "shape": f"{case.channels}x{case.size}x{case.size}",
         "batch": case.batch,
         "precision": case.precision,
+        "compile": case.compile == "on",
         "k_min": k_min,
         "k_max": k_max,
         "epochs": epochs,
@@ -281,7 +400,15 @@ def parse(argv: list[str]) -> tuple[Case, str | None]:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="K (PGD steps; Free's replays m)")
-    parser.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="auto")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "bf16_update"), default="auto"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on", "both"),
+        default="off",
+        help="time the eager step, the compiled one (torch.compile), or both side by side",
+    )
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
@@ -294,9 +421,9 @@ def parse(argv: list[str]) -> tuple[Case, str | None]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = training_precision(args.precision, device)
+    if args.amata and args.compile == "both":
+        parser.error("--amata times one step per K: use --compile on or off with it")
     case = Case(
         method=args.method,
         model=args.model,
@@ -310,6 +437,7 @@ def parse(argv: list[str]) -> tuple[Case, str | None]:
         warmup=args.warmup,
         rounds=args.rounds,
         device=device,
+        compile=args.compile,
     )
     return case, args.amata
 

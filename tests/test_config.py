@@ -89,8 +89,8 @@ BAD_OVERRIDES = [
     (
         ["method=nope"],
         "method",
-        "allowed: amata, amata_atta, amata_fast, amata_free, amata_yopo, atta, erm, fast, fat, "
-        "fosc, free, pgd, yopo",
+        "allowed: amata, amata_atta, amata_fast, amata_free, amata_mart, amata_trades, amata_yopo, "
+        "atta, erm, fast, fat, fosc, free, mart, pgd, trades, yopo",
     ),
     (["dataset=svhn"], "dataset", "allowed: caltech256, cifar10, digits"),
     (["dataset=imagenet", "paths.data_dir=/nonexistent"], "dataset.root", "train/"),

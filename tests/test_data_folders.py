@@ -493,6 +493,7 @@ def test_a_caltech256_run_trains_evaluates_and_resumes_mid_epoch(tmp_path: Path)
         "epochs=2",
         "batch_size=4",
         "eval.subset=4",
+        "eval.validation.size=3",  # one per class held out of the 18 training images
         "eval.final_attacks=[pgd2]",
         "progress=false",
         "deterministic=true",

@@ -94,9 +94,11 @@ def test_train_clock_excludes_evaluation(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(engine, "run_suite", slow_suite)
     summary = run(tmp_path)
     rows = read_rows(tmp_path / "metrics.jsonl")
-    assert [r["train_seconds"] for r in rows] == [12.0, 24.0]  # 12 batches per epoch
-    assert summary["train_seconds"] == 24.0
-    assert now["t"] == 24.0 + 3 * 1000.0  # the evaluations did take (fake) time
+    assert [r["train_seconds"] for r in rows] == [10.0, 20.0]  # 10 batches per epoch
+    assert summary["train_seconds"] == 20.0
+    # the evaluations did take (fake) time: per row the test subset and the validation split,
+    # then the final evaluation
+    assert now["t"] == 20.0 + (2 * 2 + 1) * 1000.0
 
 
 class Crash(Exception):

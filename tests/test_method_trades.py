@@ -4,6 +4,7 @@ schedule, the CIFAR10 experiment, an end-to-end run on digits, and the WideResNe
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer, build_schedule
+from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.trades import TRADES, kl_sum
@@ -168,18 +170,18 @@ def test_amata_trades_anneals_k_through_the_shared_schedule() -> None:
     assert type(method) is TRADES and method.uses_control
 
 
-def test_trades_rejects_a_negative_beta(tmp_path: object) -> None:
-    from amata_runner.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="method.beta"):
+def test_trades_rejects_a_negative_beta() -> None:
+    with pytest.raises(ConfigError, match=r"method\.beta"):
         compose_resolved(["method=trades", "method.beta=-1"])
 
 
 def test_trades_cifar10_experiment_is_the_reference_recipe() -> None:
     cfg = compose_resolved(["experiment=trades_cifar10"])
-    assert (cfg.dataset.name, cfg.model.name, cfg.method.name) == ("cifar10", "wrn34_10", "amata_trades")
+    names = (cfg.dataset.name, cfg.model.name, cfg.method.name)
+    assert names == ("cifar10", "wrn34_10", "amata_trades")
     assert (cfg.method.eps, cfg.method.steps, cfg.method.step_size) == (0.031, 10, 0.007)
-    assert (cfg.epochs, cfg.batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (76, 128, 0.1, 2e-4)
+    recipe = (cfg.epochs, cfg.batch_size, cfg.optim.lr, cfg.optim.weight_decay)
+    assert recipe == (76, 128, 0.1, 2e-4)
     assert list(cfg.optim.milestones) == [74]
     assert (cfg.eval.final_threat.eps, cfg.eval.final_threat.step_size) == (0.031, 0.003)
     rows = cfg.paper.rows
@@ -190,10 +192,10 @@ def test_trades_cifar10_experiment_is_the_reference_recipe() -> None:
 
 
 # ------------------------------------------------------------------ end to end on digits
-def test_trades_and_amata_trades_train_on_digits(tmp_path: object) -> None:
-    from pathlib import Path
-
-    out = Path(str(tmp_path))
+def test_trades_and_amata_trades_train_on_digits(tmp_path: Path) -> None:
+    out = tmp_path
+    (out / "trades").mkdir()
+    (out / "amata").mkdir()
     cfg = compose_resolved([*FAST, "method=trades"])
     summary = Trainer(cfg, out / "trades").run()
     k = cfg.method.steps

@@ -350,7 +350,7 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _validation_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A fixed batch of validation images (uint8) for a method's own checks (Fast's early
-        stop): ``batch_size`` of them drawn by the split's seed, this rank's share under torchrun."""
+        stop): ``batch_size`` of them drawn by the split's seed; this rank's share (torchrun)."""
         if self.val_images is None or self.val_labels is None:
             return None
         n = int(self.val_labels.shape[0])
@@ -708,7 +708,9 @@ class Trainer:
                 "epoch": self.progress.best_epoch,
                 "eval_attack": self.eval_attack.name,
                 "examples": self.validation.count,
-                "checkpoint": BEST if self.cfg.save_best and self.progress.best_epoch >= 0 else None,
+                "checkpoint": (
+                    BEST if self.cfg.save_best and self.progress.best_epoch >= 0 else None
+                ),
             }
         # No validation split: nothing is chosen; the final model's test-subset numbers stand.
         last = rows[-1] if rows else None

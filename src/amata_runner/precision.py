@@ -78,23 +78,44 @@ def compile_mode(device: torch.device, static_shapes: bool = True) -> str | None
 class CompiledForward(nn.Module):
     """``model`` with its forward compiled; parameters, buffers and state_dict stay the model's.
 
-    Only ``forward`` goes through ``torch.compile``: ``train()``/``eval()``, ``parameters()``
-    and checkpoints act on the wrapped model itself (its state_dict keys are unchanged, so a
-    checkpoint written with compile=true loads with compile=false and back).  Autograd runs
-    through the compiled graph (AOTAutograd), so the attack's input gradient and the update's
-    weight gradient are both compiled.  ``dynamic=False``: a batch of a new size (the last,
-    smaller batch of an evaluation) is one more graph, never a dynamic-shape graph for all.
+    Only the forward passes go through ``torch.compile``: ``train()``/``eval()``,
+    ``parameters()`` and checkpoints act on the wrapped model itself (its state_dict keys are
+    unchanged).  Autograd runs through the compiled graphs (AOTAutograd), so the attack's input
+    gradient and the update's weight gradient are both compiled.  YOPO's split (``layer_one``,
+    ``forward_from_layer_one``) is compiled piece by piece; other attributes are the model's.
+    ``dynamic=False``: a batch of a new size is one more graph, never a dynamic-shape graph.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, backend: str | Callable[..., Any] = "inductor"
+    ) -> None:
         super().__init__()
         self.inner = model
-        # Not registered as a submodule: modules()/parameters() list the model once.
-        compiled = torch.compile(model, mode=compile_mode(device), dynamic=False)
-        object.__setattr__(self, "_compiled", compiled)
+        options: dict[str, Any] = {"backend": backend, "dynamic": False}
+        if backend == "inductor":
+            options["mode"] = compile_mode(device)
+        # Not registered as submodules: modules()/parameters() list the model once.
+        object.__setattr__(self, "_compiled", torch.compile(model, **options))
+        if hasattr(model, "layer_one") and hasattr(model, "forward_from_layer_one"):
+            object.__setattr__(self, "_layer_one", torch.compile(model.layer_one, **options))
+            rest = torch.compile(model.forward_from_layer_one, **options)
+            object.__setattr__(self, "_rest", rest)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._compiled(x)
+
+    @property
+    def layer_one(self) -> nn.Module:
+        return self._layer_one
+
+    def forward_from_layer_one(self, h: torch.Tensor) -> torch.Tensor:
+        return self._rest(h)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
 
     # The wrapped model's own state, not "inner."-prefixed keys.
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]

@@ -34,6 +34,9 @@ def command_line(argv: list[str] | None = None) -> str:
     if not argv:
         return ""
     prog = Path(argv[0]).name
+    orig = list(getattr(sys, "orig_argv", []))
+    if prog.endswith(".py") and "-m" in orig[:-1]:  # python -m amata_runner.cli.train ...
+        prog = f"python -m {orig[orig.index('-m') + 1]}"
     return " ".join([prog, *(shlex.quote(a) for a in argv[1:])])
 
 

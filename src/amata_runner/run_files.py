@@ -82,7 +82,8 @@ def load_trained(path: str | Path, device: torch.device) -> TrainedRun:
     path = Path(path)
     if path.is_dir():
         if not (path / LAST).is_file():
-            held = " (it holds best.ckpt: name it to evaluate that)" if (path / BEST).is_file() else ""
+            best = (path / BEST).is_file()
+            held = " (it holds best.ckpt: name it to evaluate that)" if best else ""
             raise ConfigError("ckpt", str(path), f"a run directory holding last.ckpt{held}")
         path = path / LAST
     state = load_checkpoint(path, map_location=device)

@@ -27,6 +27,7 @@ from amata_runner.config import resolve_config
 from amata_runner.data import check_available
 from amata_runner.errors import ConfigError
 
+
 def describe_options(group: str, conf_dir: str | None = None) -> str:
     """``amata-run --help``: each option of a config group with the first sentence of its file's
     leading comment, one line each (the ``${amata_options:GROUP}`` resolver of the help text)."""

@@ -96,8 +96,10 @@ def _task(cfg: DictConfig) -> float | None:
 
 
 def _fail(message: str, code: int, multirun: bool, exc: BaseException) -> NoReturn:
-    """One line and an exit status; in a grid the job fails and the sweep goes on."""
-    if multirun and not isinstance(exc, (Preempted, ForcedStop)):
+    """One line and an exit status; in a grid the job fails and the sweep goes on, except when
+    the sweep itself must stop: a stop signal, or a job directory another live run holds (two
+    sweeps sharing one hydra.sweep.dir would collide on every job)."""
+    if multirun and not isinstance(exc, (Preempted, ForcedStop, RunDirBusy)):
         raise exc
     print(f"amata-run: {message}", file=sys.stderr)
     sys.exit(code)
@@ -151,19 +153,18 @@ def _locked_job(
         summary = train(resolved, run_dir, start=start, stop=stop)
     except ConfigError as exc:
         _record(run_dir, "failed", str(exc))
+        _said_in_log(run_dir, is_main, f"failed: {exc}")
         _fail(f"error: {exc}", 2, multirun, exc)
     except Preempted as exc:  # a checkpoint was written: the whole sweep stops, to be resumed
         _record(run_dir, "preempted", str(exc))
         message = exc.continue_with(_continue_command(run_dir, multirun))
-        if is_main:
-            progress.ended(run_dir, f"preempted: {message}")
+        _said_in_log(run_dir, is_main, f"preempted: {message}")
         _fail(message, PREEMPTED_EXIT, multirun, exc)
     except ForcedStop as exc:
         _record(run_dir, "interrupted", str(exc))
         message = f"{exc}; the last complete checkpoint was kept"
         message += f"; to continue: {_continue_command(run_dir, multirun)}"
-        if is_main:
-            progress.ended(run_dir, f"interrupted: {message}")
+        _said_in_log(run_dir, is_main, f"interrupted: {message}")
         _fail(message, 128 + exc.signum, multirun, exc)
     except KeyboardInterrupt:  # SIGINT where our handlers could not be installed (a thread)
         _record(run_dir, "interrupted")
@@ -173,9 +174,11 @@ def _locked_job(
         _fail(f"error: {exc} (free some space, then resume=true)", 1, multirun, exc)
     except NonFiniteLoss as exc:
         _record(run_dir, "failed", str(exc))
+        _said_in_log(run_dir, is_main, f"failed: {exc}")
         _fail(f"error: {exc}", 1, multirun, exc)
     except Exception as exc:
         _record(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        _said_in_log(run_dir, is_main, f"failed: {type(exc).__name__}: {exc}")
         raise
     _record(run_dir, "completed")
     if is_main:
@@ -184,6 +187,12 @@ def _locked_job(
     if final:  # the number a sweeper (e.g. Optuna) maximises
         return float(next(iter(final["robust_accuracy"].values())))
     return float(summary["best"]["robust_accuracy"])
+
+
+def _said_in_log(run_dir: Path, is_main: bool, message: str) -> None:
+    """How a started run ended, in its train.log (stderr has the line already)."""
+    if is_main:
+        progress.ended(run_dir, message)
 
 
 def _continue_command(run_dir: Path, multirun: bool) -> str:

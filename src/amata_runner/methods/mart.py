@@ -64,9 +64,7 @@ class MART(TRADES):
                 counter=self.ctx.counter,
             )
 
-    def loss(
-        self, logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         clean_probs = F.softmax(logits, dim=1)
         adv_log_probs = torch.log(F.softmax(logits_adv, dim=1) + 1e-12)
         kl = F.kl_div(adv_log_probs, clean_probs, reduction="none").sum(1)

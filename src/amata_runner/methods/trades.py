@@ -5,7 +5,7 @@
         x' = x + 0.001 * N(0, I)
         for k = 1..K_t:
             x' = clip_[0,1](clip_{x,eps}(x' + alpha_t * sign(grad_x' KL(p || softmax(f(x'))))))
-        theta <- theta - eta * grad_theta [ CE(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x'))) ]
+        theta <- theta - eta * grad_theta [ CE(f(x), y) + beta * KL(p(x) || p(x')) ],  p = softmax∘f
 
 as yaodongyu/TRADES trades.py computes it: the KL is summed over the batch and divided by the
 batch size (a batch mean of per-example KLs), the clean term is the mean cross-entropy, the attack
@@ -74,9 +74,7 @@ class TRADES(Method):
                 loss_fn=kl_sum,
             )
 
-    def loss(
-        self, logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The outer objective: mean CE on clean + beta * batch-mean KL(clean || adversarial)."""
         robust = kl_sum(logits_adv, F.softmax(logits, dim=1)) / y.shape[0]
         return F.cross_entropy(logits, y) + self.beta * robust

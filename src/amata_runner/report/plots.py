@@ -69,8 +69,10 @@ def mean_curve(curves: list[tuple[Any, Any]]) -> tuple[Any, Any] | None:
 
 def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
     """Write ``<prefix>error_vs_seconds.png`` and ``<prefix>error_vs_passes.png``."""
-    # matplotlib announces building its font cache at INFO, which a sweep's logging would print.
+    # matplotlib announces building its font cache (once per machine; INFO "generated new
+    # fontManager" and a WARNING "building the font cache"), which a sweep's logging would print.
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     import matplotlib
 
     matplotlib.use("Agg")
