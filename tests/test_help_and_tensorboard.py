@@ -4,13 +4,14 @@ the FGSM evaluation attack, and ``logger=tensorboard`` read back with TensorBoar
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from amata_runner.attacks.suite import SuiteOptions, attack_params, parse_attack, run_suite
@@ -18,7 +19,8 @@ from amata_runner.cli import train
 from amata_runner.cli.evaluate import EvalOptions
 from amata_runner.cli.landscape import LandscapeOptions
 from amata_runner.cli.options import _field_comments
-from conftest import amata_run
+from amata_runner.logging import build_sinks
+from conftest import amata_run, compose_resolved
 
 BIN = Path(sys.executable).parent
 
@@ -165,53 +167,101 @@ def test_fgsm_is_one_sign_step_of_eps_from_the_clean_image() -> None:
 
 
 # --------------------------------------------------------------------------- TensorBoard
-TINY = [
-    "dataset=synthetic",
-    "dataset.num_train=256",
-    "dataset.num_test=64",
-    "epochs=2",
-    "batch_size=64",
-    "eval.subset=64",
-    "eval.attack.steps=2",
-    "eval.final_attacks=[pgd2,fgsm]",
-    "dataset.threat.steps=2",
-    "progress=false",
-]
+def _rows() -> list[dict[str, Any]]:
+    """Metrics rows shaped as the engine writes them (two evaluation points)."""
+    return [
+        {
+            "epoch": float(epoch),
+            "iteration": 4 * epoch,
+            "examples": 256 * epoch,
+            "train_seconds": 1.2345 * epoch,
+            "forward_passes": 690 * epoch,
+            "backward_passes": 600 * epoch,
+            "K": 1 + epoch,
+            "alpha": 0.5 / (1 + epoch),
+            "lr": 0.05,
+            "train_loss": 2.0 / epoch,
+            "train_error": 0.9 / epoch,
+            "clean_error": 0.5 / epoch,
+            "robust_error": 0.95 / epoch,
+            "eval_examples": 64,
+            "eval_split": "test",
+            "eval_attack": "pgd2",
+        }
+        for epoch in (1, 2)
+    ]
 
 
 def test_logger_tensorboard_writes_scalars_against_passes_and_train_time(tmp_path: Path) -> None:
+    """``logger=tensorboard`` builds the sink (through the config, as a run does); what it writes
+    is read back with TensorBoard's own reader. The end-to-end run is in test_observability."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    run_dir = tmp_path / "run"
-    result = amata_run([*TINY, "logger=tensorboard", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert len(rows) == 2
+    cfg = compose_resolved(["logger=tensorboard", "dataset=synthetic"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    sinks = build_sinks(cfg, tmp_path, resume_id=None, resolved=resolved)
+    assert len(sinks) == 1
+    rows = _rows()
+    summary = {
+        "train_seconds": rows[-1]["train_seconds"],
+        "forward_passes": rows[-1]["forward_passes"],
+        "backward_passes": rows[-1]["backward_passes"],
+        "final": {
+            "examples": 64,
+            "clean_accuracy": 0.75,
+            "robust_accuracy": {"pgd2": 0.25, "fgsm": 0.375},
+        },
+    }
+    for row in rows:
+        sinks[0].log(row)
+    sinks[0].summary(summary)
+    sinks[0].close()
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     passes = [r["forward_passes"] + r["backward_passes"] for r in rows]
     by_passes = events.Scalars("vs_passes/robust_error")
-    assert [e.step for e in by_passes] == passes
+    assert [e.step for e in by_passes] == passes == [1290, 2580]
     assert [e.value for e in by_passes] == pytest.approx([r["robust_error"] for r in rows])
     by_time = events.Scalars("vs_train_ms/clean_error")
-    assert [e.step for e in by_time] == [round(r["train_seconds"] * 1000) for r in rows]
+    assert [e.step for e in by_time] == [1234, 2469]  # train_seconds in milliseconds
     assert [e.value for e in by_time] == pytest.approx([r["clean_error"] for r in rows])
-    assert [e.value for e in events.Scalars("vs_passes/K")] == [r["K"] for r in rows]
-    final = summary["final"]
-    assert events.Scalars("final/clean_accuracy")[0].value == pytest.approx(final["clean_accuracy"])
-    for attack in ("pgd2", "fgsm"):
-        value = events.Scalars(f"final/{attack}_accuracy")[0].value
-        assert value == pytest.approx(final["robust_accuracy"][attack])
+    assert [e.value for e in events.Scalars("vs_passes/K")] == [2, 3]
+    scalars = events.Tags()["scalars"]
+    assert not any("eval_examples" in tag or "iteration" in tag for tag in scalars)
+    assert events.Scalars("final/clean_accuracy")[0].value == pytest.approx(0.75)
+    assert events.Scalars("final/fgsm_accuracy")[0].value == pytest.approx(0.375)
+    assert events.Scalars("final/passes")[0].value == 2580
 
     content = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = start.session_start_info.hparams
     assert hparams["method.name"].string_value == "amata"
-    assert hparams["epochs"].number_value == 2
     assert hparams["dataset.name"].string_value == "synthetic"
+    assert hparams["epochs"].number_value == cfg.epochs
+    assert not any(key.startswith(("paths.", "logger.")) for key in hparams)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     metrics = {m.name.tag for m in experiment.experiment.metric_infos}
-    assert {"final/clean_accuracy", "final/pgd2_accuracy", "final/passes"} <= metrics
+    assert metrics == {
+        "final/clean_accuracy",
+        "final/pgd2_accuracy",
+        "final/fgsm_accuracy",
+        "final/train_seconds",
+        "final/passes",
+    }
+
+
+def test_logger_tensorboard_without_the_package_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from amata_runner.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name)
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'amata-runner\[tensorboard\]'"):
+        compose_resolved(["logger=tensorboard"])

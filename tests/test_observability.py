@@ -344,3 +344,34 @@ def test_report_plots_label_targets_and_the_robust_error_attack(tmp_path: Path) 
     assert len(report.plots) == 2
     assert "robust error (pgd10 on 512 test images)" in seen["ylabel"]
     assert seen["annotate"] == ["target 0.65", "target 0.65"]  # one per robust-error panel
+
+
+def test_a_stopped_grid_names_its_sweep_dir_and_resume_auto(tmp_path: Path) -> None:
+    from amata_runner.logging.progress import sweep_resume_command
+
+    argv = ["-m", "method=pgd,amata", "seed=0,1", "hydra.sweep.dir=old", "resume=true"]
+    cmd = sweep_resume_command(argv, tmp_path)
+    assert shlex.split(cmd) == [
+        "amata-run",
+        "-m",
+        "method=pgd,amata",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path.resolve()}",
+        "resume=auto",
+    ]
+
+
+def test_matplotlib_building_its_font_cache_says_nothing(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _run(tmp_path / "s" / "0", _config("pgd", 0), [0.8, 0.6], ["method=pgd"])
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "from pathlib import Path\nfrom amata_runner.report import write_report\n"
+        f"write_report([Path({str(tmp_path / 's')!r})], Path({str(tmp_path / 'out')!r}))\n"
+    )
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "fresh-mpl-cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fresh-mpl-cache").is_dir()  # the cache was really built here
+    assert "font" not in done.stderr.lower(), done.stderr
+    assert (tmp_path / "out" / "error_vs_seconds.png").is_file()

@@ -38,18 +38,18 @@ from amata_runner.run_files import load_trained
 from conftest import compose_resolved, cpu_context
 from test_data_folders import dataset_cfg, write_caltech
 
-# A tiny learnable run: 256 synthetic 16x16 images (64 of them held out), ERM, three epochs, a
+# A tiny learnable run: 640 synthetic 16x16 images (64 of them held out), ERM, three epochs, a
 # one-step attack of small eps so robust accuracy follows learning; no final evaluation.
 TINY = [
     "dataset=synthetic",
-    "dataset.num_train=320",
+    "dataset.num_train=640",
     "dataset.num_test=64",
     "dataset.image_size=16",
     "model=lenet",
     "method=erm",
     "epochs=3",
     "batch_size=32",
-    "optim.lr=0.1",
+    "optim.lr=0.05",
     "eval.subset=64",
     "eval.validation.size=64",
     "eval.attack.steps=1",

@@ -3,7 +3,8 @@
 They take the same override syntax as ``amata-run`` (``ckpt=PATH attacks=[pgd20,cw_inf]``) but
 create no Hydra output directory: they write beside the checkpoint they read. Arguments are merged
 into a dataclass schema, so a misspelt key or a wrong type is one line naming the key, the value
-and what is allowed.
+and what is allowed (the nearest key for a misspelt one: ``atacks`` -> ``attacks``). ``--help``
+lists every key of the schema with its default and the meaning written beside its field.
 """
 
 from __future__ import annotations

@@ -320,9 +320,7 @@ def link_baselines(configs: list[Configuration]) -> None:
 def set_baseline(configs: list[Configuration], wanted: str) -> bool:
     """Take every ratio against the configuration named ``wanted`` (its row or its label);
     False when no configuration is so named."""
-    chosen = next(
-        (c for c in configs if wanted in (c.row, c.row_key, c.label) and wanted), None
-    )
+    chosen = next((c for c in configs if wanted in (c.row, c.row_key, c.label) and wanted), None)
     if chosen is None:
         return False
     for config in configs:

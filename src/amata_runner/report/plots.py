@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ X_AXES = {
     "seconds": ("train_seconds", "train seconds"),
     "passes": (None, "forward + backward passes"),
 }
-ERRORS = (("clean_error", "clean error"), ("robust_error", "robust error"))
+# The periodic curves measure the fixed test subset; the validation split's (val_*, where a run
+# has one) are drawn dashed beside them.
+ERRORS = (("clean_error", "test clean error"), ("robust_error", "test robust error"))
+LEGEND_WIDTH = 40  # characters per legend line (long override lists wrap)
 
 
 def slug(text: str) -> str:
@@ -107,6 +111,13 @@ def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
                         label=legends[index],
                     )
                     drawn = True
+                held = [
+                    curve(r.rows, axis, f"val_{metric}", section.smoothing) for r in config.runs
+                ]
+                val = mean_curve(held)
+                if val is not None:
+                    label = f"{legends[index]} (validation)"
+                    ax.plot(*val, color=colour, linewidth=1.2, linestyle="--", label=label)
             if metric == "robust_error":
                 for target in targets:
                     ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
@@ -139,13 +150,17 @@ def plot_section(section: Section, out_dir: Path, prefix: str) -> list[Path]:
 def legend_labels(section: Section) -> list[str]:
     """Each configuration's legend entry: its row name, plus what tells it apart from another
     configuration of the same name (its label) so no two entries read alike."""
+    if len(section.configs) == 1:  # nothing differs: name the method (or the paper's row)
+        (config,) = section.configs
+        method = (config.config.get("method") or {}).get("name")
+        return [config.row_key or str(method or config.row)]
     labels = []
     for config in section.configs:
         twins = [c for c in section.configs if c.row == config.row]
         text = config.row
         if len(twins) > 1 and config.label and config.label != config.row:
             text = f"{config.row} ({config.label})"
-        labels.append(text)
+        labels.append(textwrap.fill(text, LEGEND_WIDTH))
     return labels
 
 

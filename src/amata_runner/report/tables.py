@@ -224,9 +224,12 @@ def markdown(sections: list[Section], sources: list[str], plots: dict[str, list[
         f"{plural(runs, 'run')} from: " + ", ".join(f"`{s}`" for s in sources),
         "",
         "Every number below was read from the runs' summary.json / metrics.jsonl files; the "
-        "*paper* columns are the published values, measured on the paper's hardware. Accuracies "
-        "are on the full test set after training (mean ± sample std over seeds); times are "
-        "train-only seconds; targets are the first evaluation point at or below the error.",
+        "*paper* columns are the published values, measured on the paper's hardware. How each "
+        "number was selected: accuracies are the final model's (the last epoch, nothing "
+        "selected) on the full test set (mean ± sample std over seeds); times are train-only "
+        "seconds; targets are the first evaluation point on the fixed test subset at or below "
+        "the error (read off the test curve, not a choice); best.ckpt, chosen on the validation "
+        "split, is not used here.",
     ]
     for section in sections:
         lines += ["", f"## {section.title}", "", f"{section.description}."]
