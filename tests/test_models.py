@@ -262,5 +262,6 @@ def test_unknown_model_names_allowed_options() -> None:
         _build("vgg16", 3, 32)
     assert info.value.key == "model" and info.value.value == "vgg16"
     assert str(info.value) == (
-        "model='vgg16': allowed: lenet, smallcnn, preactresnet18, resnet18, resnet50"
+        "model='vgg16': allowed: lenet, smallcnn, preactresnet18, resnet18, resnet50, wrn28_10, "
+        "wrn34_10"
     )

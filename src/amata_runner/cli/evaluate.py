@@ -226,7 +226,6 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
     from amata_runner.run_files import load_trained
 
     trained = load_trained(opts.ckpt, device)
-    print(f"{TOOL}: evaluating {trained.path} ({trained.selection})", file=sys.stderr)
     run_cfg = trained.cfg
     options = suite_options(opts, run_cfg)
     if opts.dataset_root is not None:
@@ -237,6 +236,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
     n = total if opts.n_examples is None else opts.n_examples
     if not 1 <= n <= total:
         raise ConfigError("n_examples", opts.n_examples, f"must be in 1..{total} (the test split)")
+    print(f"{TOOL}: evaluating {trained.path} ({trained.selection})", file=sys.stderr)
     images, labels = eval_subset(test, range(n), device)  # folder sets: decodes n images
 
     out = Path(opts.output) if opts.output else trained.path.parent / "eval.json"

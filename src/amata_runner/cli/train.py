@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -183,10 +183,22 @@ def _locked_job(
     _record(run_dir, "completed")
     if is_main:
         progress.finish(run_dir, "completed", summary)
+    return _objective(summary)
+
+
+def _objective(summary: dict[str, Any]) -> float | None:
+    """The number a sweeper (e.g. Optuna) maximises: the best robust accuracy on the validation
+    split, so a hyper-parameter search never selects on the test set; only a run without a
+    validation split (eval.validation.size=0, the paper protocol) falls back to its final test
+    accuracy under the first final attack."""
+    best = summary.get("best") or {}
+    if best.get("selected_on") == "validation" and best.get("robust_accuracy") is not None:
+        return float(best["robust_accuracy"])
     final = summary.get("final")
-    if final:  # the number a sweeper (e.g. Optuna) maximises
+    if final:
         return float(next(iter(final["robust_accuracy"].values())))
-    return float(summary["best"]["robust_accuracy"])
+    value = best.get("robust_accuracy")
+    return None if value is None else float(value)
 
 
 def _said_in_log(run_dir: Path, is_main: bool, message: str) -> None:
