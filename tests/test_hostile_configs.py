@@ -54,7 +54,7 @@ HOSTILE: list[tuple[str, str]] = [
     ("method=free method.steps=0", "method.steps"),
     # unknown options and keys
     ("model=vgg16", "model"),
-    ("method=trades", "method"),
+    ("method=mma", "method"),
     ("dataset=svhn", "dataset"),
     ("schedule=cosine", "schedule"),
     ("optim=adam", "optim"),

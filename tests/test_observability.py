@@ -375,3 +375,15 @@ def test_matplotlib_building_its_font_cache_says_nothing(tmp_path: Path) -> None
     assert (tmp_path / "fresh-mpl-cache").is_dir()  # the cache was really built here
     assert "font" not in done.stderr.lower(), done.stderr
     assert (tmp_path / "out" / "error_vs_seconds.png").is_file()
+
+
+def test_the_closing_line_without_a_final_evaluation(tmp_path: Path) -> None:
+    summary = {"train_seconds": 75.0, "forward_passes": 1500, "backward_passes": 1000, "epochs": 2}
+    best = {"robust_accuracy": 0.4125, "eval_attack": "pgd10"}
+    line = closing_line("completed", {**summary, "best": best}, tmp_path)
+    assert line == (
+        "completed: best robust acc 41.25% (pgd10, evaluation subset; no final evaluation: "
+        f"eval.final=false); train 1m15s; passes 2.5k; epochs 2; summary: {tmp_path}/summary.json"
+    )
+    unselected = closing_line("completed", {**summary, "best": {"robust_accuracy": None}}, tmp_path)
+    assert unselected.startswith("completed: no final evaluation (eval.final=false); train 1m15s")

@@ -139,10 +139,13 @@ def closing_line(status: str, summary: dict[str, Any] | None, run_dir: Path) -> 
             accs += [f"{n} {100 * a:.2f}%" for n, a in final["robust_accuracy"].items()]
             parts.append(f"{', '.join(accs)} ({final['examples']} test images)")
         else:
-            best = summary.get("best", {})
+            best = summary.get("best") or {}
+            accuracy = best.get("robust_accuracy")
             parts.append(
-                f"best robust acc {100 * best.get('robust_accuracy', 0.0):.2f}% "
-                f"({best.get('eval_attack', '?')}, evaluation subset; eval.final=false)"
+                "no final evaluation (eval.final=false)"
+                if not isinstance(accuracy, int | float)
+                else f"best robust acc {100 * accuracy:.2f}% ({best.get('eval_attack', '?')}, "
+                "evaluation subset; no final evaluation: eval.final=false)"
             )
         passes = summary.get("forward_passes", 0) + summary.get("backward_passes", 0)
         parts.append(f"train {seconds(summary.get('train_seconds', 0.0))}")
@@ -181,12 +184,16 @@ def sweep_resume_command(argv: Sequence[str], sweep_dir: Path, *, prog: str = "a
 
 
 def continue_command(hydra_cfg: Any, run_dir: Path, *, multirun: bool, world: int = 1) -> str:
-    """The command that continues this job (a single run) or its whole grid (``-m``)."""
+    """The command that continues this job (a single run) or its whole grid (``-m``).
+
+    A grid job in a process that is not the ``amata-run -m`` line itself (a launcher's worker)
+    gets the command that continues this one job in its own directory."""
     prog = "amata-run"
     if world > 1:
         prog = f"torchrun --nproc_per_node={world} -m amata_runner.cli.train"
-    if multirun:
-        return sweep_resume_command(sys.argv[1:], Path(str(hydra_cfg.sweep.dir)), prog=prog)
+    argv = sys.argv[1:]
+    if multirun and ("-m" in argv or "--multirun" in argv):
+        return sweep_resume_command(argv, Path(str(hydra_cfg.sweep.dir)), prog=prog)
     task = [str(o) for o in hydra_cfg.overrides.task]
     extra = [str(o) for o in hydra_cfg.overrides.hydra]
     return resume_command(run_dir, task, extra, prog=prog)
