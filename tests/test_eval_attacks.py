@@ -223,7 +223,7 @@ def test_attack_names_parse_to_the_grammar() -> None:
     assert attack_params("clean", options()) == {}
 
 
-@pytest.mark.parametrize("bad", ["fgsm", "pgd", "pgd0", "pgd20x0", "PGD20", "cw", "pgd20x"])
+@pytest.mark.parametrize("bad", ["bim", "pgd", "pgd0", "pgd20x0", "PGD20", "cw", "pgd20x"])
 def test_unknown_attack_name_is_a_one_line_config_error(bad: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_attacks(["pgd20", bad], key="eval.final_attacks")

@@ -299,6 +299,7 @@ def test_atta_with_crop_flip_end_to_end(tmp_path: Path) -> None:
             "model=preactresnet18",
             "dataset.num_train=64",
             "dataset.num_test=32",
+            "eval.validation.size=0",
             "batch_size=32",
             "epochs=2",
             "dataset.threat.steps=1",

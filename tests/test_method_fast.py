@@ -220,3 +220,28 @@ def test_amata_fast_end_to_end(tmp_path: Path) -> None:
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert [r["weak_start"] for r in rows] == [1, 0]
     assert summary["forward_passes"] == summary["backward_passes"] == 2 * 2 * N_DIGITS
+
+
+def test_the_validation_check_leaves_batchnorm_statistics_untouched() -> None:
+    """Held-out images judge the model; they must not update its running statistics."""
+    from amata_runner.methods.fast import Fast
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 16, 2),
+    )
+    ctx = cpu_context(model, image_shape=(1, 4, 4))
+    ctx.validation_batch = (
+        torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8),
+        torch.randint(0, 2, (8,)),
+    )
+    fast = Fast(ctx, eps=0.1, step_size=0.125, attack_bn="train", early_stop=True)
+    fast._in_epoch = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast.stop_requested()
+    assert fast._checked is not None  # the check ran
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -30,8 +30,10 @@ TIMED = {"train_seconds"}
 
 
 def run(tmp: Path, *overrides: str) -> dict[str, Any]:
+    """A FAST run on all 1,438 training digits (no validation hold-out): 12 batches per epoch,
+    which the signal points below count on."""
     tmp.mkdir(parents=True, exist_ok=True)
-    return Trainer(compose_resolved([*FAST, *overrides]), tmp).run()
+    return Trainer(compose_resolved([*FAST, "eval.validation.size=0", *overrides]), tmp).run()
 
 
 def untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -688,6 +688,9 @@ def _check_eval(cfg: DictConfig) -> None:
             f"holds out {size} of the {train} training images, leaving none to train on; use a "
             "smaller count or a fraction",
         )
+    for key in ("eval.target_robust_errors", "eval.target_clean_errors"):
+        targets = list(OmegaConf.select(cfg, key))
+        require(all(0 <= t <= 1 for t in targets), key, targets, "errors must be in [0, 1]")
 
 
 def _known_train_images(cfg: DictConfig) -> int | None:
@@ -699,6 +702,3 @@ def _known_train_images(cfg: DictConfig) -> int | None:
         return int(ds.num_train)
     known = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
     return known.get(ds.name)
-    for key in ("eval.target_robust_errors", "eval.target_clean_errors"):
-        targets = list(OmegaConf.select(cfg, key))
-        require(all(0 <= t <= 1 for t in targets), key, targets, "errors must be in [0, 1]")

@@ -27,7 +27,7 @@ TOOL = "amata-landscape"
 
 @dataclass
 class LandscapeOptions:
-    ckpt: str = MISSING  # a last.ckpt / best.ckpt, or a run directory (its best, else last)
+    ckpt: str = MISSING  # a last.ckpt / best.ckpt, or a run directory (its last.ckpt)
     index: int = 0  # first test example
     n_examples: int = 1  # one figure per example: index .. index + n_examples - 1
     grid: int = 41  # points per axis (the paper draws 100)

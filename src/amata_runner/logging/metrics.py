@@ -89,9 +89,9 @@ class MetricsFile:
         rows, rejects = read_rows_and_rejects(self.path)
         if keep_until_iteration is None:
             rows = []
-        elif rejects and write:
-            self._set_aside(rejects)
         else:
+            if rejects and write:
+                self._set_aside(rejects)
             rows = [r for r in rows if r.get("iteration", 0) <= keep_until_iteration]
         self.rows = rows
         self._handle: Any = None

@@ -48,6 +48,8 @@ K forwards + K backwards for its PGD and 1 forward for the accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -161,7 +163,11 @@ class Fast(Method):
         if batch is None:
             return False
         # Under torchrun every rank checks its own share of the batch; the mean makes them agree.
-        local = self.batch_robust_accuracy(*batch)
+        # Held-out images must not shape the model they judge: in train-mode BatchNorm the check's
+        # forwards would fold them into the running statistics, so those are put back after it.
+        held_out = self.ctx.validation_batch is not None
+        with _buffers_kept(self.ctx.model) if held_out else nullcontext():
+            local = self.batch_robust_accuracy(*batch)
         accuracy = self.ctx.job.mean(local, self.ctx.device)
         self._first_batch = None
         self._in_epoch = False
@@ -249,6 +255,18 @@ class Fast(Method):
                 correct = (model(x_adv).argmax(1) == y).sum()
         self.ctx.counter.add(x.shape[0], forward=1, backward=0)
         return correct.item() / x.shape[0]
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics and counters) when the block ends."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
