@@ -1,4 +1,6 @@
-"""schedule=adaptive: K chosen online as argmax of H = ||grad_theta loss(A_K x)||^2 - gamma K."""
+"""schedule=adaptive: K chosen online, by adequacy (the smallest K whose
+g(K) = ||grad_theta loss(A_K x)||^2 reaches (1 - epsilon) max g) or by the hamiltonian (the argmax
+of H = g(K) - gamma K)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from amata_runner import clock, engine
-from amata_runner.adaptive import AdaptiveSchedule, choose
+from amata_runner.adaptive import AdaptiveSchedule, build_adaptive, choose
 from amata_runner.criterion import ProbeBatch
+from amata_runner.data.datasets import load_digits
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.interrupts import Preempted
@@ -23,6 +26,8 @@ from amata_runner.passes import PassCounter
 from conftest import FAST, compose_resolved
 
 ADAPTIVE = ("method=pgd", "schedule=adaptive", "schedule.k_min=1", "schedule.probe_batch_size=32")
+# The first design's settings: H's argmax, a decision every epoch, two probe batches.
+HAMILTONIAN = ("schedule.rule=hamiltonian", "schedule.every=1", "schedule.probe_batches=2")
 
 
 def run(tmp: Path, *overrides: str) -> dict[str, Any]:
@@ -71,6 +76,7 @@ def test_a_decision_takes_the_argmax_of_h_computed_by_hand() -> None:
         probes=[probe],
         iters_per_epoch=10,
         counter=counter,
+        rule="hamiltonian",
     )
     control = schedule.decide(model, 0, 0)
     expected = {k: hand_h(model, probe, k, 0.3, 0.3) - 0.01 * k for k in (1, 2, 4)}
@@ -95,6 +101,7 @@ def test_monotone_mode_never_lowers_k(monkeypatch: pytest.MonkeyPatch) -> None:
         mode="monotone",
         probes=[],
         iters_per_epoch=4,
+        rule="hamiltonian",
     )
 
     def h(model: Any) -> dict[int, float]:
@@ -119,7 +126,7 @@ def test_the_probe_runs_on_the_train_clock_and_its_passes_count(
         return real(self, model)
 
     monkeypatch.setattr(AdaptiveSchedule, "h_of_candidates", slow_probe)
-    summary = run(tmp_path, "epochs=2", "schedule.candidates=[1,3]")
+    summary = run(tmp_path, *HAMILTONIAN, "epochs=2", "schedule.candidates=[1,3]")
     assert summary["train_seconds"] == 200.0  # two decisions; the batches take no fake time
     rows = read_rows(tmp_path / "metrics.jsonl")
     probe = 2 * 32 * ((1 + 1) + (3 + 1))  # 2 probe batches of 32, candidates K=1 and K=3
@@ -129,8 +136,18 @@ def test_the_probe_runs_on_the_train_clock_and_its_passes_count(
     assert all("H_K1" in r and "H_K3" in r and r["adaptive_choice"] == r["K"] for r in rows)
 
 
-def test_adaptive_runs_resume_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    args = ("schedule.unit=iteration", "schedule.every=5", "eval.unit=iteration", "eval.every=6")
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ("schedule.rule=hamiltonian", "schedule.unit=iteration", "schedule.every=5"),
+        ("schedule.rule=adequacy", "schedule.budget=0.5", "schedule.epsilon=0.01"),
+    ],
+    ids=["hamiltonian-every-5-iterations", "adequacy-every-auto"],
+)
+def test_adaptive_runs_resume_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rule: tuple[str, ...]
+) -> None:
+    args = (*rule, "eval.unit=iteration", "eval.every=6")
     reference = run(tmp_path / "ref", *args)
     calls = {"n": 0}
     original = engine.Trainer._add_loss
@@ -163,6 +180,11 @@ def test_adaptive_runs_resume_exactly(tmp_path: Path, monkeypatch: pytest.Monkey
     ("override", "key"),
     [
         ("schedule.mode=greedy", "schedule.mode"),
+        ("schedule.rule=greedy", "schedule.rule"),
+        ("schedule.epsilon=1", "schedule.epsilon"),
+        ("schedule.budget=0", "schedule.budget"),
+        ("schedule.every=often", "schedule.every"),
+        ("schedule.k_min=often", "schedule.k_min"),
         ("schedule.gamma=-1", "schedule.gamma"),
         ("schedule.candidates=[0,2]", "schedule.candidates"),
         ("schedule.every=0", "schedule.every"),
@@ -173,3 +195,125 @@ def test_bad_adaptive_settings_name_their_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         compose_resolved([*ADAPTIVE, override])
     assert info.value.key == key
+
+
+def tiny_adequacy(
+    counter: PassCounter | None, *, every: int | None, budget: float = 1.0, mode: str = "monotone"
+) -> tuple[torch.nn.Module, ProbeBatch, AdaptiveSchedule]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
+    x = torch.rand(8, 1, 4, 4)
+    probe = ProbeBatch(x=x, y=torch.arange(8) % 3, start=torch.zeros_like(x))
+    schedule = AdaptiveSchedule(
+        candidates=[1, 2, 3, 4],
+        tau=0.6,
+        eps=0.3,
+        every=every,
+        unit="iteration",
+        mode=mode,
+        probes=[probe],
+        iters_per_epoch=100,
+        counter=counter,
+        rule="adequacy",
+        epsilon=0.05,
+        budget=budget,
+    )
+    return model, probe, schedule
+
+
+def test_adequacy_takes_the_smallest_k_within_epsilon_of_the_best_computed_by_hand() -> None:
+    counter = PassCounter()
+    model, probe, schedule = tiny_adequacy(counter, every=1, mode="free")
+    g = {k: hand_h(model, probe, k, 0.6, 0.3) for k in (1, 2, 3, 4)}
+    control = schedule.decide(model, 0, 0)
+    assert schedule.last is not None
+    probed = schedule.last.h
+    # K_max first (the reference), then upwards from the lowest candidate until one is adequate
+    assert min(probed) == 1 and 4 in probed
+    assert probed == pytest.approx({k: g[k] for k in probed}, rel=1e-6)
+    best = max(probed.values())
+    adequate = [k for k in sorted(probed) if probed[k] >= 0.95 * best]
+    assert control.steps == adequate[0]
+    assert all(probed[k] < 0.95 * best for k in probed if k < control.steps)
+    assert set(probed) == {*range(1, control.steps + 1), 4}  # nothing probed beyond the choice
+    assert control.step_size == pytest.approx(0.6 / control.steps)
+    assert counter.forward == counter.backward == 8 * sum(k + 1 for k in probed)
+    assert schedule.probe_passes == counter.forward + counter.backward
+
+
+def test_monotone_adequacy_never_probes_below_the_current_k(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, _, schedule = tiny_adequacy(None, every=1)
+    g_by_decision = iter(
+        [
+            {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0},  # all alike: K = 1
+            {1: 1.0, 2: 2.0, 3: 2.99, 4: 3.0},  # K = 3 (2.99 >= 0.95 * 3)
+            {1: 9.0, 2: 9.0, 3: 1.0, 4: 1.0},  # small K look best, but K never falls: 3 is kept
+            {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0},  # only K_max is adequate
+        ]
+    )
+    asked: list[list[int]] = []
+
+    def scores(model: Any, ks: list[int], gamma: float) -> dict[int, float]:
+        asked.append(list(ks))
+        return {k: table[k] for k in ks}
+
+    monkeypatch.setattr(schedule, "_scores", scores)
+    chosen = []
+    for i in range(4):
+        table = next(g_by_decision)
+        chosen.append(schedule.decide(None, 0, i).steps)  # type: ignore[arg-type]
+    assert chosen == [1, 3, 3, 4]
+    assert asked == [[4], [1], [4], [1], [2], [3], [4], [3], [4], [3]]
+
+
+def test_every_auto_keeps_the_probe_within_its_budget_of_the_passes() -> None:
+    counter = PassCounter()
+    model, _, schedule = tiny_adequacy(counter, every=None, budget=0.1)
+    per_iteration = 2 * 16 * (schedule.current + 1)  # PGD-K training on 16 images: K+1 each way
+    decided_at, training, probing = [], 0, 0
+    for i in range(400):
+        before = schedule.probe_passes
+        control = schedule.decide(model, 0, i)
+        if schedule.probe_passes > before:
+            decided_at.append((i, training, schedule.probe_passes - before))
+            probing = schedule.probe_passes
+        per_iteration = 2 * 16 * (control.steps + 1)
+        counter.add(16, forward=control.steps + 1, backward=control.steps + 1)
+        training += per_iteration
+    assert len(decided_at) >= 3
+    for (_, start, cost), (_, next_start, _) in itertools.pairwise(decided_at):
+        # due at the first iteration once training has done cost / budget passes since
+        assert cost / 0.1 <= next_start - start < cost / 0.1 + 2 * 16 * 5
+    assert probing <= 0.1 * training + decided_at[-1][2]  # the last probe is not yet paid for
+
+
+def test_k_min_auto_starts_at_one_and_belongs_to_the_adaptive_schedule_only() -> None:
+    train_set, _ = load_digits()
+    counter = PassCounter()
+    auto = compose_resolved(["method=pgd", "schedule=adaptive"])
+    assert auto.schedule.k_min == "auto" and auto.schedule.rule == "adequacy"
+    schedule = build_adaptive(auto, train_set, torch.device("cpu"), 10, counter)
+    assert schedule.candidates == list(range(1, 11)) and schedule.current == 1
+    three = compose_resolved(["method=pgd", "schedule=adaptive", "schedule.k_min=3"])
+    schedule = build_adaptive(three, train_set, torch.device("cpu"), 10, counter)
+    assert schedule.candidates == list(range(3, 11)) and schedule.current == 3
+    with pytest.raises(ConfigError) as info:
+        compose_resolved(["method=amata", "schedule.k_min=auto"])
+    assert info.value.key == "schedule.k_min"
+
+
+def test_adequacy_run_on_digits_reports_its_probe_and_never_lowers_k(tmp_path: Path) -> None:
+    summary = run(
+        tmp_path, "schedule.k_min=auto", "epochs=3", "schedule.budget=0.2", "eval.subset=32"
+    )
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    ks = [r["K"] for r in rows]
+    assert all(a <= b for a, b in itertools.pairwise(ks))
+    assert any("g_K3" in r for r in rows) and not any(k.startswith("H_K") for k in rows[0])
+    fraction = rows[-1]["adaptive_probe_fraction"]
+    assert 0 < fraction <= 0.5  # 20% budget, plus the first probe that training has yet to repay
+    assert summary["forward_passes"] > 0

@@ -67,6 +67,12 @@ def finite(cfg: DictConfig, key: str) -> None:
     require(ok, key, shown, "must be finite (not inf or nan)")
 
 
+def whole_number(cfg: DictConfig, key: str, allowed: str) -> None:
+    """For keys typed Any because they also take a word (``auto``): the number must be an int."""
+    value = OmegaConf.select(cfg, key)
+    require(isinstance(value, int) and not isinstance(value, bool), key, value, allowed)
+
+
 def at_least(cfg: DictConfig, key: str, low: int | float) -> None:
     value = OmegaConf.select(cfg, key)
     require(value >= low, key, value, f"must be >= {low}")

@@ -27,6 +27,7 @@ from amata_runner.checks import (
     one_of,
     positive_budget,
     require,
+    whole_number,
 )
 from amata_runner.criterion_config import CriterionConfig, check_criterion
 from amata_runner.errors import ConfigError
@@ -58,6 +59,7 @@ METHODS = (
 SCHEDULED_METHODS = tuple(m for m in METHODS if m not in ("erm", "fosc", "fat"))
 SCHEDULES = ("constant", "linear", "exponential", "step", "adaptive")
 ADAPTIVE_MODES = ("monotone", "free")
+ADAPTIVE_RULES = ("adequacy", "hamiltonian")
 LR_SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
 LOGGERS = ("jsonl", "wandb", "tensorboard")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16_update")  # see precision.py
@@ -166,18 +168,20 @@ class ScheduleConfig:
     """How the inner-loop control (K, alpha = tau / K) moves with training progress."""
 
     name: str = "constant"
-    k_min: int = "${oc.select:method.steps,1}"  # type: ignore[assignment]
+    k_min: Any = "${oc.select:method.steps,1}"  # an integer; schedule=adaptive also takes "auto"
     k_max: int = "${oc.select:method.steps,1}"  # type: ignore[assignment]
     tau: Any = None
     eta: float = 1.0
     unit: str = "epoch"
     endpoint: str = "paper"
     switch: int = 0
-    # schedule=adaptive only (adaptive.py): K chosen every `every` epochs/iterations as the argmax
-    # over `candidates` (null: k_min..k_max) of H = ||grad_theta loss||^2 - gamma * K on probes.
+    # schedule=adaptive only (adaptive.py, conf/schedule/adaptive.yaml says what each key means).
+    rule: str = "adequacy"
+    epsilon: float = 0.05
+    budget: float = 0.05
     gamma: float = 0.04
     candidates: list[int] | None = None
-    every: int = 1
+    every: Any = "auto"  # an integer, or auto (spaced so the probe costs at most `budget`)
     mode: str = "monotone"
     probe_batches: int = 2
     probe_batch_size: int | None = None
@@ -556,10 +560,14 @@ def _check_method_and_schedule(cfg: DictConfig) -> None:
     one_of(cfg, "schedule.name", SCHEDULES)
     one_of(cfg, "schedule.unit", UNITS)
     one_of(cfg, "schedule.endpoint", ("paper", "inclusive"))
-    at_least(cfg, "schedule.k_min", 1)
-    at_least(cfg, "schedule.k_max", 1)
+    adaptive = cfg.schedule.name == "adaptive"
     k_min, k_max = cfg.schedule.k_min, cfg.schedule.k_max
-    require(k_min <= k_max, "schedule.k_min", k_min, f"must be <= schedule.k_max ({k_max})")
+    if not (adaptive and k_min == "auto"):
+        whole_number(cfg, "schedule.k_min", "an integer >= 1" + (" or auto" if adaptive else ""))
+        at_least(cfg, "schedule.k_min", 1)
+    at_least(cfg, "schedule.k_max", 1)
+    if k_min != "auto":
+        require(k_min <= k_max, "schedule.k_min", k_min, f"must be <= schedule.k_max ({k_max})")
     if cfg.schedule.tau is not None:
         positive_budget(cfg, "schedule.tau")
     if cfg.schedule.name == "exponential":
@@ -632,8 +640,13 @@ def _check_folder_dataset(cfg: DictConfig) -> None:
 
 def _check_adaptive(cfg: DictConfig) -> None:
     s = cfg.schedule
+    one_of(cfg, "schedule.rule", ADAPTIVE_RULES)
     require(s.gamma >= 0, "schedule.gamma", s.gamma, "must be >= 0")
-    at_least(cfg, "schedule.every", 1)
+    require(0 <= s.epsilon < 1, "schedule.epsilon", s.epsilon, "must be in [0, 1)")
+    require(0 < s.budget <= 1, "schedule.budget", s.budget, "must be in (0, 1]")
+    if s.every != "auto":
+        whole_number(cfg, "schedule.every", "an integer >= 1 or auto")
+        at_least(cfg, "schedule.every", 1)
     one_of(cfg, "schedule.mode", ADAPTIVE_MODES)
     at_least(cfg, "schedule.probe_batches", 1)
     if s.probe_batch_size is not None:
