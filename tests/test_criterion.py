@@ -395,7 +395,7 @@ def test_table1_experiment_lists_every_published_row_in_its_sweep() -> None:
 )
 @pytest.mark.parametrize("row", sorted(ROWS))
 def test_table1_rows_compose_to_the_published_settings(row: str) -> None:
-    from amata_runner.engine import build_schedule
+    from amata_runner.build import build_schedule
 
     cfg = compose_resolved(["experiment=paper_table1_mnist", f"paper.row={row}"])
     method, schedule, k_min, k_max = ROWS[row]

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from amata_runner import clock, engine
+from amata_runner import clock, engine, final_eval
 from amata_runner.checkpoint import load_checkpoint
-from amata_runner.engine import Trainer, time_to_targets
+from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods.pgd import PGD
+from amata_runner.summary import time_to_targets
 from conftest import FAST, compose_resolved
 
 TIMING_KEYS = {"train_seconds"}
@@ -75,7 +76,7 @@ def test_train_clock_excludes_evaluation(tmp_path: Path, monkeypatch: pytest.Mon
     """A fake time source: each training batch takes 1 s, each evaluation 1000 s."""
     now = {"t": 0.0}
     monkeypatch.setattr(clock, "perf_counter", lambda: now["t"])
-    real_batch, real_evaluate, real_suite = PGD.train_batch, engine.evaluate, engine.run_suite
+    real_batch, real_evaluate, real_suite = PGD.train_batch, engine.evaluate, final_eval.run_suite
 
     def slow_batch(self: PGD, *args: Any) -> Any:
         now["t"] += 1.0
@@ -91,7 +92,7 @@ def test_train_clock_excludes_evaluation(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(PGD, "train_batch", slow_batch)
     monkeypatch.setattr(engine, "evaluate", slow_evaluate)
-    monkeypatch.setattr(engine, "run_suite", slow_suite)
+    monkeypatch.setattr(final_eval, "run_suite", slow_suite)
     summary = run(tmp_path)
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert [r["train_seconds"] for r in rows] == [10.0, 20.0]  # 10 batches per epoch

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from amata_runner import engine
+from amata_runner.build import build_schedule
 from amata_runner.data import Batch, DeviceLoader, ImageSet
-from amata_runner.engine import Trainer, build_schedule
+from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import atta

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amata_runner.build import build_schedule
 from amata_runner.data.loader import Batch
-from amata_runner.engine import Trainer, build_schedule
+from amata_runner.engine import Trainer
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.mart import MART, boosted_cross_entropy, misclassification_weights

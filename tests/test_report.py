@@ -15,9 +15,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from amata_runner.cli.report import main as report_main
-from amata_runner.engine import time_to_targets
 from amata_runner.report import find_run_dirs, tensorboard_smooth, write_report
 from amata_runner.report_callback import ReportCallback
+from amata_runner.summary import time_to_targets
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from amata_runner import engine
+from amata_runner import build
 from amata_runner.data import (
     EvalImages,
     ImageFiles,
@@ -181,10 +181,10 @@ def other_class_images(data: ImageSet) -> ImageSet:
 
 def run_tiny(run_dir: Path, change: Callable[[RunData], RunData] | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    real = engine.load_run_data
+    real = build.load_run_data
     with pytest.MonkeyPatch.context() as patch:
         if change is not None:
-            patch.setattr(engine, "load_run_data", lambda cfg: change(real(cfg)))
+            patch.setattr(build, "load_run_data", lambda cfg: change(real(cfg)))
         summary = Trainer(compose_resolved(TINY), run_dir).run()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     best = torch.load(run_dir / "best.ckpt", weights_only=True)
@@ -287,14 +287,14 @@ def test_resume_keeps_the_split_and_refuses_another(tmp_path: Path) -> None:
     assert torch.equal(resumed.validation.indices, first.validation.indices)
 
     # the same settings over changed data (one training image fewer): another split, refused
-    real = engine.load_run_data
+    real = build.load_run_data
 
     def fewer(cfg: Any) -> RunData:
         train, _ = load_splits(cfg.dataset)
         return dataclasses.replace(real(cfg), split=ValidationSplit.draw(train.labels[1:], 64, 0))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "load_run_data", fewer)
+        patch.setattr(build, "load_run_data", fewer)
         with pytest.raises(ConfigError, match="validation split differs from the checkpoint's"):
             Trainer(resume, tmp_path)
     summary = resumed.run()

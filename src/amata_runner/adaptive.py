@@ -72,7 +72,11 @@ def choose(h: dict[int, float], current: int | None, mode: str) -> int:
 
 
 class AdaptiveSchedule:
-    """The controls of ``schedule=adaptive``; holds the probes, the current K and the decisions."""
+    """The controls of ``schedule=adaptive``; holds the probes, the current K and the decisions.
+
+    A :class:`~amata_runner.schedules.ControlSchedule`, like the annealing schedules: the engine
+    drives both through :meth:`decide`, :meth:`metrics` and the state dict alone.
+    """
 
     def __init__(
         self,

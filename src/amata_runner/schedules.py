@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from torch import nn
 
 SCHEDULE_NAMES = ("constant", "linear", "exponential", "step")
 
@@ -56,6 +60,38 @@ def anneal_fraction(
     else:
         raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULE_NAMES)}")
     return min(max(fraction, 0.0), 1.0)
+
+
+class ControlSchedule(Protocol):
+    """What the engine asks of every schedule, the annealing ones and ``schedule=adaptive`` alike.
+
+    One protocol, so the loop never asks which kind it holds: a schedule that keeps nothing
+    between calls saves an empty state, reports no metrics, and decides by reading its formula.
+    """
+
+    @property
+    def per_iteration(self) -> bool:
+        """True when the control may change inside an epoch (asked for at every batch)."""
+        ...
+
+    def at(self, epoch: int, iteration: int = 0) -> Control:
+        """The control in force at (epoch, iteration), without deciding anything."""
+        ...
+
+    def decide(self, model: nn.Module, epoch: int, iteration: int = 0) -> Control:
+        """The control for this batch; a schedule that measures the model does so here, on the
+        train-only clock."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """Fields for the next metrics row."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run replays the same controls."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -109,6 +145,21 @@ class Schedule:
         # tau = None: the last control equals the baseline's (K_max, step_size) exactly.
         alpha = self.step_size * (self.k_max / k) if self.tau is None else self.tau / k
         return Control(steps=k, step_size=alpha, strength=self.fraction(epoch, iteration))
+
+    def decide(self, model: nn.Module, epoch: int, iteration: int = 0) -> Control:
+        """:meth:`at`: a formula of progress looks at no model."""
+        del model
+        return self.at(epoch, iteration)
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Empty: the control is a pure function of progress, which the checkpoint holds."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
 
     def epoch_controls(self) -> list[Control]:
         """The control at the start of every epoch (what `unit=epoch` runs use)."""

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import MISSING, DictConfig, open_dict
 
 from amata_runner.attacks.autoattack import load_autoattack
@@ -52,6 +51,7 @@ from amata_runner.checks import as_float
 from amata_runner.cli.options import parse_options, run_tool
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import write_json_atomic
+from amata_runner.runtime import select_device
 
 TOOL = "amata-eval"
 EVAL_FORMAT = 1
@@ -83,20 +83,6 @@ class EvalOptions:
     dataset_root: str | None = None  # where the test data is, if not where the run found it
     output: str | None = None  # default: eval.json beside the checkpoint
     force: bool = False  # recompute attacks already in eval.json
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError("device", name, "auto, cpu, cuda or cuda:N") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError("device", name, "auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "no CUDA device is available here; use cpu or auto")
-    return device
 
 
 def _names(value: Any) -> list[str]:
@@ -218,7 +204,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
     attacks: list[Attack] = parse_attacks(_names(opts.attacks))
     if opts.batch_size < 1:
         raise ConfigError("batch_size", opts.batch_size, "must be >= 1")
-    device = _device(opts.device)
+    device = select_device(opts.device)
     if any(a.kind == "autoattack" for a in attacks):
         load_autoattack()  # a missing optional extra stops here, before any loading or work
 

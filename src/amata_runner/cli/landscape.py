@@ -58,12 +58,6 @@ def _check(opts: DictConfig) -> None:
         require(as_float("span", opts.span) > 0, "span", opts.span, "must be > 0")
     if opts.epoch is not None:
         require(opts.epoch >= 0, "epoch", opts.epoch, "must be >= 0")
-    require(
-        opts.device in ("auto", "cpu") or opts.device.startswith("cuda"),
-        "device",
-        opts.device,
-        "allowed: auto, cpu, cuda, cuda:N",
-    )
 
 
 def _run_value(cfg: DictConfig, given: Any, key: str, run_keys: Sequence[str]) -> float:
@@ -93,17 +87,9 @@ def _body(argv: list[str]) -> list[Path]:
         trajectory_spec,
     )
     from amata_runner.run_files import load_trained
+    from amata_runner.runtime import select_device
 
-    if opts.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        require(
-            opts.device == "cpu" or torch.cuda.is_available(),
-            "device",
-            opts.device,
-            "no CUDA device is available here; use device=auto or device=cpu",
-        )
-        device = torch.device(opts.device)
+    device = select_device(opts.device)
     run = load_trained(opts.ckpt, device)
     cfg = run.cfg
     eps = _run_value(cfg, opts.eps, "eps", ("method.eps", "dataset.threat.eps"))
