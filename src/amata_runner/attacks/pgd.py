@@ -158,9 +158,13 @@ def pgd_linf(
     else:
         start = torch.zeros_like(x)
     # The iterates' deltas, not the iterates: x + delta is formed once, for the last one only.
-    delta = last(
-        pgd_deltas(model, x, y, start, eps=eps, step_size=step_size, steps=steps, loss_fn=loss_fn)
-    )
+    # Frozen for the whole attack (nothing runs between steps here), not only for each step.
+    with frozen_parameters(model):
+        delta = last(
+            pgd_deltas(
+                model, x, y, start, eps=eps, step_size=step_size, steps=steps, loss_fn=loss_fn
+            )
+        )
     if counter is not None:
         counter.add(x.shape[0], forward=steps, backward=steps)
     return (x + delta).detach()

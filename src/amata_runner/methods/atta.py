@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from amata_runner.attacks.linf import project_delta
-from amata_runner.attacks.pgd import attack_mode, last, pgd_deltas
+from amata_runner.attacks.pgd import attack_mode, frozen_parameters, last, pgd_deltas
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
 from amata_runner.schedules import Control
@@ -151,7 +151,7 @@ class ATTA(Method):
     def attack(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """K sign-gradient steps of alpha from ``delta``, projected each step (input grads only)."""
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn):
+        with attack_mode(model, self.attack_bn), frozen_parameters(model):
             # Only the forward under the attack's autocast (the input gradient is taken outside
             # it), as this attack has always run; hence forward_context, not a wrapping context.
             steps = pgd_deltas(
