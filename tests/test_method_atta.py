@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from amata_runner import engine
+from amata_runner.attacks.linf import project_delta
 from amata_runner.build import build_schedule
 from amata_runner.data import Batch, DeviceLoader, ImageSet
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import atta
-from amata_runner.methods.atta import ATTA, project
+from amata_runner.methods.atta import ATTA
 from conftest import FAST, compose_resolved, cpu_context
 
 SHAPE = (3, 8, 8)
@@ -89,7 +90,7 @@ def test_perturbations_survive_an_epoch_through_the_new_augmentation(augment: st
         moved = stored if batch.crop is None else batch.crop.apply(stored)
         # epoch 2 starts from epoch 1's end perturbation, moved through epoch 2's crop + flip
         # (and clipped around x: a no-op but for init noise no epoch-1 crop had reached)
-        torch.testing.assert_close(start, project(moved, batch.x, EPS), atol=1e-6, rtol=0)
+        torch.testing.assert_close(start, project_delta(moved, batch.x, EPS), atol=1e-6, rtol=0)
         back = end if batch.crop is None else batch.crop.invert(end, stored)
         assert torch.equal(method.delta[batch.index], back)  # and stores its own end back
         seen[batch.index] = True

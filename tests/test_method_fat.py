@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from amata_runner.attacks.early_stop import early_stopped_pgd, uniform_start
+from amata_runner.attacks.early_stop import early_stopped_pgd
+from amata_runner.attacks.linf import random_start
 from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
@@ -143,7 +144,7 @@ def test_perturbations_stay_in_the_eps_ball_and_pixel_range() -> None:
     y = torch.randint(0, 3, (32,))
     for eps, alpha, steps in [(0.1, 0.05, 5), (0.3, 0.5, 3), (8 / 255, 2 / 255, 10)]:
         for tau, noise in [(0, 0.0), (2, 0.05)]:  # large omega noise must be projected too
-            start = uniform_start(x, eps)
+            start = random_start(x, eps)
             out = early_stopped_pgd(
                 net,
                 x,

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amata_runner.attacks.early_stop import early_stopped_pgd, uniform_start
+from amata_runner.attacks.early_stop import early_stopped_pgd
+from amata_runner.attacks.linf import random_start
 from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
@@ -81,7 +82,7 @@ def test_fosc_is_zero_at_the_maximiser_of_a_linear_loss() -> None:
     # The reference's quirk: measured from a random start instead of the clean image, FOSC at the
     # maximiser is -<x - start, g>, not 0 (of either sign), which is why the paper's origin is the
     # default.
-    start = uniform_start(x, eps, generator=torch.Generator().manual_seed(0))
+    start = random_start(x, eps, generator=torch.Generator().manual_seed(0))
     g = input_grad(model, out.x_adv, y)
     from_start = fosc_linf(out.x_adv, g, start, eps)
     assert torch.allclose(from_start, -((x - start) * g).flatten(1).sum(1), atol=1e-5)
@@ -105,7 +106,7 @@ def test_early_stop_freezes_converged_examples() -> None:
     x = torch.rand(32, 1, 8, 8)
     y = torch.randint(0, 3, (32,))
     eps, alpha, steps = 0.3, 0.05, 8
-    start = uniform_start(x, eps, generator=torch.Generator().manual_seed(1))
+    start = random_start(x, eps, generator=torch.Generator().manual_seed(1))
     # c = the median over examples of the lowest FOSC an unstopped run meets after a step (half
     # way between two examples' values, clear of rounding): half of the examples reach it (and
     # stop), the others never do
@@ -147,7 +148,7 @@ def test_perturbations_stay_in_the_eps_ball_and_pixel_range() -> None:
     y = torch.randint(0, 3, (32,))
     for eps, alpha, steps in [(0.1, 0.05, 5), (0.3, 0.5, 3), (8 / 255, 2 / 255, 10)]:
         for c in (-1.0, 0.05):
-            start = uniform_start(x, eps)
+            start = random_start(x, eps)
             out = early_stopped_pgd(
                 net, x, y, start, eps=eps, step_size=alpha, steps=steps, rule=FOSCRule(x, eps, c)
             )

@@ -20,8 +20,9 @@ How it is measured, and why:
   gradient the update would take) and H averages the per-batch squared norms. The gradient is the
   loss's only: weight decay is a property of the optimiser, the same for every control.
 - **A = PGD as trained.** L-inf PGD of K sign steps of size alpha inside the eps ball, clipped to
-  [0,1], from the fixed start: the same iteration as ``attacks.pgd.pgd_linf``. Controls that share
-  alpha share the path, so K = 5, 10, 40 cost one 40-step run (exhaustive search on a product G).
+  [0,1], from the fixed start: ``attacks.pgd.pgd_iterates``, the loop ``pgd_linf`` trains with.
+  Controls that share alpha share the path, so K = 5, 10, 40 cost one 40-step run (exhaustive
+  search on a product G).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amata_runner.attacks.pgd import attack_mode, frozen_parameters
+from amata_runner.attacks.linf import random_delta
+from amata_runner.attacks.pgd import attack_mode, pgd_iterates
 from amata_runner.criterion_config import ControlGrid, InnerControl, control_grid
 from amata_runner.errors import ConfigError
 
@@ -110,43 +112,9 @@ def make_probes(
         index = order[b * batch_size : (b + 1) * batch_size]
         x = images[index.to(images.device)].to(device=device, dtype=torch.float32).div_(255)
         y = labels[index.to(labels.device)].to(device)
-        if random_start:
-            noise = torch.empty(x.shape).uniform_(-eps, eps, generator=generator).to(device)
-            start = (x + noise).clamp_(0.0, 1.0) - x
-        else:
-            start = torch.zeros_like(x)
+        start = random_delta(x, eps, generator) if random_start else torch.zeros_like(x)
         probes.append(ProbeBatch(x=x, y=y, start=start))
     return probes
-
-
-def pgd_iterates(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    start: torch.Tensor,
-    *,
-    eps: float,
-    step_size: float,
-    steps: int,
-) -> Iterator[torch.Tensor]:
-    """Yield x^0 = x + start, then each PGD iterate x^1 .. x^steps (detached).
-
-    The step is ``attacks.pgd.pgd_linf``'s (sign of the summed-CE input gradient, projection on the
-    eps ball, clip to [0,1]); the model's mode is used as given and its parameters are frozen.
-    """
-    x = x.detach()
-    delta = start.detach().clone()
-    yield x + delta
-    for _ in range(steps):
-        # Frozen per step, not around the loop: the caller runs between yields and may need the
-        # parameters' gradients (``grad_sq_norm``).
-        with frozen_parameters(model), torch.enable_grad():
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step_size * grad.sign()).clamp_(-eps, eps)
-        delta = (x + delta).clamp_(0.0, 1.0) - x
-        yield (x + delta).detach()
 
 
 def grad_sq_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Clean and PGD accuracy of a model on a fixed set of examples.
+"""Clean and PGD accuracy of a model on a fixed set of examples: the periodic metrics rows.
 
-Evaluation is a measurement, so it is made the same way every time: the model in eval mode, fp32
-(autocast off), parameters frozen, and a dedicated random generator for the attack's random start,
-seeded per call, so curves are comparable across runs and methods and the training RNG stream is
-never touched (which keeps resumed runs identical to uninterrupted ones).
+The measurement is the final evaluation's (``attacks/suite.py``: eval mode, fp32, parameters
+frozen, random starts from a generator re-seeded per batch from ``eval.seed``), applied to the
+subset, so a periodic PGD-20 and a final PGD-20 are one attack and one seeding, and the training
+random stream is never touched (a resumed run stays identical to an uninterrupted one).  What is
+left here is what the rows need beyond the suite: the attack is given by ``eval.attack``'s
+numbers rather than by a name and the final threat model, and the result is read as errors.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.attacks.suite import SuiteOptions, run_suite
 
 
 @dataclass(frozen=True)
@@ -61,27 +63,12 @@ def evaluate(
     seed: int,
 ) -> EvalResult:
     """Accuracy on (images, labels) clean and under ``attack``; ``images``: uint8 on the device."""
-    device = images.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    clean = torch.zeros((), dtype=torch.long, device=device)
-    robust = torch.zeros((), dtype=torch.long, device=device)
-    with attack_mode(model, "eval"), torch.autocast(device.type, enabled=False):
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].float().div_(255)
-            y = labels[start : start + batch_size]
-            with torch.no_grad():
-                clean += (model(x).argmax(1) == y).sum()
-            x_adv = pgd_linf(
-                model,
-                x,
-                y,
-                eps=attack.eps,
-                step_size=attack.step_size,
-                steps=attack.steps,
-                random_start=attack.random_start,
-                generator=generator,
-            )
-            with torch.no_grad():
-                robust += (model(x_adv).argmax(1) == y).sum()
-    return EvalResult(int(images.shape[0]), int(clean.item()), int(robust.item()))
+    options = SuiteOptions(
+        eps=attack.eps, step_size=attack.step_size, pgd_random_start=attack.random_start
+    )
+    results = run_suite(
+        model, images, labels, ["clean", attack.name], options, batch_size=batch_size, seed=seed
+    )
+    return EvalResult(
+        int(images.shape[0]), results["clean"]["correct"], results[attack.name]["correct"]
+    )

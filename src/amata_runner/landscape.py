@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amata_runner.criterion import measuring, pgd_iterates
+from amata_runner.attacks.linf import random_delta
+from amata_runner.attacks.pgd import pgd_iterates
+from amata_runner.criterion import measuring
 from amata_runner.errors import ConfigError
 from amata_runner.schedules import Schedule
 
@@ -148,11 +150,7 @@ def compute_landscape(
     """The loss surface around ``x`` (one example, (1, C, H, W) in [0,1]) and the trajectories."""
     generator = torch.Generator().manual_seed(seed)
     flat_dim = x[0].numel()
-    if random_start:
-        noise = torch.empty(x.shape).uniform_(-eps, eps, generator=generator).to(x.device)
-        start = (x + noise).clamp(0.0, 1.0) - x
-    else:
-        start = torch.zeros_like(x)
+    start = random_delta(x, eps, generator) if random_start else torch.zeros_like(x)
     rademacher = torch.randint(0, 2, (flat_dim,), generator=generator).double().mul_(2).sub_(1)
 
     with measuring(model):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amata_runner.attacks.linf import random_start
 from amata_runner.attacks.pgd import frozen_parameters, pgd_linf
 from amata_runner.passes import PassCounter
 
@@ -101,8 +102,7 @@ def cw_l2(
     elif init == "input":
         w = x.clone()
     else:
-        noise = torch.empty_like(x).uniform_(-init_radius, init_radius, generator=generator)
-        w = (x + noise).clamp_(0.0, 1.0)
+        w = random_start(x, init_radius, generator)
     w.requires_grad_(True)
     optimizer = torch.optim.Adam([w], lr=lr)
     shape = (-1,) + (1,) * (x.dim() - 1)

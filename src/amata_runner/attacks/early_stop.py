@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amata_runner.attacks.linf import project
 from amata_runner.attacks.pgd import frozen_parameters
 from amata_runner.passes import PassCounter
 
@@ -71,19 +72,6 @@ class EarlyStopped:
     loss: torch.Tensor  # (B,) float32: per-example CE at the last point evaluated (x^K with the
     # final check, else x^{K-1}: exact for stopped examples, which have not moved since)
     evaluations: int  # full-batch forward+backward passes computed (the real cost)
-
-
-def uniform_start(
-    x: torch.Tensor, eps: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """x + U(-eps, eps), clipped to [0,1] (the Madry / FAT start)."""
-    noise = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-    return (x + noise).clamp_(0.0, 1.0)
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Clip into the L-inf ball of radius eps around x, then into [0,1]."""
-    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
 def _per_example(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -133,6 +121,8 @@ def early_stopped_pgd(
             if k == steps:  # the final check only measures
                 break
             active = active & keep
+            # Not linf.signed_step: FAT's noise joins the step before it is added to x^k, and
+            # x + (s + n) rounds differently from (x + s) + n.
             step = step_size * grad.sign()
             if noise > 0:
                 step = step + noise * torch.randn(

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amata_runner.attacks.pgd import frozen_parameters, uniform_delta
+from amata_runner.attacks.linf import project_delta, random_delta, signed_step
+from amata_runner.attacks.pgd import frozen_parameters
 from amata_runner.passes import PassCounter
 
 
@@ -33,7 +34,7 @@ def _masked_pgd(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """One restart: uniform start in the ball (clipped to [0,1]), steps only on still-correct x."""
-    delta = uniform_delta(x, eps, generator)
+    delta = random_delta(x, eps, generator)
     shape = (-1,) + (1,) * (x.dim() - 1)
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -41,8 +42,7 @@ def _masked_pgd(
         loss = F.cross_entropy(logits, y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, delta)
         moving = (logits.detach().argmax(1) == y).to(x.dtype).view(shape)
-        delta = (delta.detach() + moving * step_size * grad.sign()).clamp_(-eps, eps)
-        delta = (x + delta).clamp_(0.0, 1.0) - x
+        delta = project_delta(signed_step(delta.detach(), grad, moving * step_size), x, eps)
     return delta.detach()
 
 

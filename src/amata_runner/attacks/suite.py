@@ -5,12 +5,14 @@ One grammar names an attack everywhere (``amata-eval attacks=[...]``, a run's fi
 Everything beyond the name comes from :class:`SuiteOptions`, so a result is identified by its name
 plus :func:`attack_params`.
 
-The measurement follows evaluation.py's conventions (model in eval mode, fp32, parameters frozen,
-a dedicated generator for random starts) with one addition: the generator is re-seeded at every
-batch from ``(seed, index of the batch's first example)``.  That makes each batch's random starts
-independent of which attacks ran before it and of how many restarts an attack draws, so a run that
-was killed and resumes at batch b computes exactly what the uninterrupted run would have, and
-``pgdKxR`` with more restarts sees the same first R starts (accuracy monotone in R).
+Evaluation is a measurement, so it is made the same way every time, for the final evaluation, for
+``amata-eval`` and for the periodic rows (evaluation.py runs this suite on the fixed subset): the
+model in eval mode, fp32 (autocast off), parameters frozen, and a dedicated generator for the
+random starts, so the training random stream is never touched.  The generator is re-seeded at
+every batch from ``(seed, index of the batch's first example)``.  That makes each batch's random
+starts independent of which attacks ran before it and of how many restarts an attack draws, so a
+run that was killed and resumes at batch b computes exactly what the uninterrupted run would have,
+and ``pgdKxR`` with more restarts sees the same first R starts (accuracy monotone in R).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class SuiteOptions:
 
     eps: float
     step_size: float  # PGD and CW-inf sign-step size
+    # pgd<K> from the clean image when false (eval.attack.random_start=false in the periodic rows);
+    # restarts are random starts by definition and ignore it.
+    pgd_random_start: bool = True
     # FAT/CAT/DAT's CW-inf ("dat" protocol, docs/methods.md, Evaluation attacks): 30 steps,
     # kappa 50, random start; their step 0.031/4 is CIFAR10's threat step 2/255, so the threat
     # step is used.
@@ -156,7 +161,7 @@ def attack_params(attack: Attack | str, options: SuiteOptions) -> dict[str, Any]
         params: dict[str, Any] = {"eps": o.eps, "step_size": o.step_size, "steps": attack.steps}
         if attack.restarts:
             params["restarts"] = attack.restarts
-        params["random_start"] = True
+        params["random_start"] = bool(attack.restarts) or o.pgd_random_start
         return params
     if attack.kind == "cw_inf":
         return {
@@ -209,7 +214,14 @@ def attack_function(attack: Attack, options: SuiteOptions, batch_size: int) -> A
         )
     if attack.kind == "pgd":
         return lambda model, x, y, gen, seed: pgd_linf(
-            model, x, y, eps=o.eps, step_size=o.step_size, steps=attack.steps, generator=gen
+            model,
+            x,
+            y,
+            eps=o.eps,
+            step_size=o.step_size,
+            steps=attack.steps,
+            random_start=o.pgd_random_start,
+            generator=gen,
         )
     if attack.kind == "cw_inf":
         return lambda model, x, y, gen, seed: cw_linf(

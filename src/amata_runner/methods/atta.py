@@ -56,16 +56,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from amata_runner.attacks.pgd import attack_mode, frozen_parameters
+from amata_runner.attacks.linf import project_delta
+from amata_runner.attacks.pgd import attack_mode, frozen_parameters, last, pgd_deltas
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
 from amata_runner.schedules import Control
-
-
-def project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The nearest perturbation with |delta| <= eps and x + delta in [0, 1] (x in [0, 1])."""
-    delta = delta.clamp(-eps, eps)
-    return (x + delta).clamp_(0.0, 1.0) - x
 
 
 class ATTA(Method):
@@ -143,7 +138,7 @@ class ATTA(Method):
     def to_batch_frame(self, stored: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Stored perturbations moved through the batch's crop + flip, clipped around batch.x."""
         delta = stored if batch.crop is None else batch.crop.apply(stored)
-        return project(delta, batch.x, self.eps)
+        return project_delta(delta, batch.x, self.eps)
 
     def to_stored_frame(
         self, delta: torch.Tensor, stored: torch.Tensor, batch: Batch
@@ -156,16 +151,22 @@ class ATTA(Method):
     def attack(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """K sign-gradient steps of alpha from ``delta``, projected each step (input grads only)."""
         model = self.ctx.model
-        delta = delta.detach()
-        with attack_mode(model, self.attack_bn), frozen_parameters(model), torch.enable_grad():
-            for _ in range(self.steps):
-                delta.requires_grad_(True)
-                with self.attack_precision():
-                    loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, delta)
-                delta = project(delta.detach() + self.step_size * grad.sign(), x, self.eps)
+        with attack_mode(model, self.attack_bn), frozen_parameters(model):
+            # Only the forward under the attack's autocast (the input gradient is taken outside
+            # it), as this attack has always run; hence forward_context, not a wrapping context.
+            steps = pgd_deltas(
+                model,
+                x,
+                y,
+                delta,
+                eps=self.eps,
+                step_size=self.step_size,
+                steps=self.steps,
+                forward_context=self.attack_precision,
+            )
+            delta = last(steps)
         self.ctx.counter.add(x.shape[0], forward=self.steps, backward=self.steps)
-        return delta.detach()
+        return delta
 
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         stored = self.delta.index_select(0, batch.index)

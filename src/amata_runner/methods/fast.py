@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from amata_runner.attacks.linf import clip_to_image, project_delta, random_delta, signed_step
 from amata_runner.attacks.pgd import attack_mode, frozen_parameters, pgd_linf
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
@@ -74,12 +75,7 @@ def fgsm_delta(
         delta = start.detach().clone().requires_grad_(True)
         loss = F.cross_entropy(model(x + delta), y, reduction="sum")  # sum: sign ignores scale
         (grad,) = torch.autograd.grad(loss, delta)
-    return start.detach() + step_size * grad.float().sign()
-
-
-def project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Clip delta to the eps-ball, then so that x + delta lies in [0,1]."""
-    return (x + delta.clamp(-eps, eps)).clamp_(0.0, 1.0) - x
+    return signed_step(start.detach(), grad, step_size)
 
 
 class Fast(Method):
@@ -124,13 +120,10 @@ class Fast(Method):
 
     def start(self, x: torch.Tensor, weak: bool) -> torch.Tensor:
         """The FGSM start: uniform in the eps-ball, or the fixed weak_init * eps when weak."""
-        if weak:
-            delta = torch.full_like(x, self.weak_init * self.eps)
-        else:
-            delta = torch.empty_like(x).uniform_(-self.eps, self.eps)
-        if self.clamp_start:
-            delta = (x + delta).clamp_(0.0, 1.0) - x
-        return delta
+        if not weak:
+            return random_delta(x, self.eps, clip=self.clamp_start)
+        delta = torch.full_like(x, self.weak_init * self.eps)
+        return clip_to_image(delta, x) if self.clamp_start else delta
 
     # ------------------------------------------------------------------ hooks
     def knobs(self, control: Control | None) -> dict[str, float | int]:
@@ -235,7 +228,7 @@ class Fast(Method):
         with attack_mode(model, self.attack_bn), self.attack_precision():
             stepped = fgsm_delta(model, x, y, start, self.step_size)
         self.ctx.counter.add(x.shape[0])
-        return project(x, stepped, self.eps)
+        return project_delta(stepped, x, self.eps)
 
     def batch_robust_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """PGD robust accuracy on one batch, in the training BN mode (one host sync)."""

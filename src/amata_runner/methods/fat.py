@@ -50,7 +50,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from amata_runner.attacks.early_stop import early_stopped_pgd, uniform_start
+from amata_runner.attacks.early_stop import early_stopped_pgd
+from amata_runner.attacks.linf import random_start
 from amata_runner.attacks.pgd import attack_mode
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import StepOutput, TrainContext
@@ -147,7 +148,7 @@ class FAT(MeasuredMethod):
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         del control
         x, y, model = batch.x, batch.y, self.ctx.model
-        start = uniform_start(x, self.eps) if self.random_start else x.detach().clone()
+        start = random_start(x, self.eps) if self.random_start else x.detach().clone()
         with attack_mode(model, self.attack_bn), self.attack_precision():
             result = early_stopped_pgd(
                 model,

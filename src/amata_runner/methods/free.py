@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from amata_runner.attacks.linf import project_delta, signed_step
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
 from amata_runner.schedules import Control
@@ -133,9 +134,9 @@ class Free(Method):
         """delta <- clip_eps(delta + alpha sign(g)) on the batch's rows of the carried state."""
         if grad is None:  # the input did not reach the loss (cannot happen with a real model)
             return
-        new = (delta + alpha * grad.float().sign()).clamp_(-self.eps, self.eps)
-        if self.clamp_delta_to_image:
-            new = (x + new).clamp_(0.0, 1.0) - x
+        new = project_delta(
+            signed_step(delta, grad, alpha), x, self.eps, clip=self.clamp_delta_to_image
+        )
         assert self.delta is not None
         self.delta[: x.shape[0]] = new
 

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from amata_runner.attacks.linf import project, random_start, signed_step
 from amata_runner.attacks.pgd import frozen_parameters
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
@@ -136,7 +137,7 @@ class YOPO(Method):
         x, y = batch.x.detach(), batch.y
         m, sigma = control.steps, control.step_size
         self.ctx.model.train()
-        x_adv = self._random_start(x)
+        x_adv = random_start(x, self.eps, clip=self.clip_start)
         self.ctx.optimizer.zero_grad(set_to_none=True)
         if self._layer_one_optimizer is not None:
             self._layer_one_optimizer.zero_grad(set_to_none=True)
@@ -154,10 +155,6 @@ class YOPO(Method):
     def _f0(self, x: torch.Tensor) -> torch.Tensor:
         """Layer one on pixels in [0, 1] (normalising first when the model is Normalized)."""
         return self._layer_one(x if self._normalize is None else self._normalize(x))
-
-    def _random_start(self, x: torch.Tensor) -> torch.Tensor:
-        x_adv = x + torch.empty_like(x).uniform_(-self.eps, self.eps)
-        return x_adv.clamp_(0.0, 1.0) if self.clip_start else x_adv
 
     def _ce_into_layer_one(self, repeat: int) -> bool:
         return self.layer_one_ce == "all" or (self.layer_one_ce == "after_first" and repeat > 0)
@@ -192,15 +189,13 @@ class YOPO(Method):
         ascent direction.  An unclipped start (``clip_start=false``) is clamped into [0, 1]
         inside f0, as in the reference.
         """
-        low, high = x - self.eps, x + self.eps
         with frozen_parameters(self._layer_one), torch.enable_grad():
             for _ in range(self.inner_steps):
                 x_adv.requires_grad_(True)
                 with self.attack_precision():
                     z = self._f0(x_adv if self.clip_start else x_adv.clamp(0.0, 1.0))
                 (grad,) = torch.autograd.grad(z, x_adv, grad_outputs=grad_z)
-                x_adv = x_adv.detach() + sigma * grad.sign()
-                x_adv = torch.clamp(x_adv, low, high).clamp_(0.0, 1.0)
+                x_adv = project(signed_step(x_adv.detach(), grad, sigma), x, self.eps)
         return x_adv.detach()
 
     def _hamiltonian_backward(self, x_adv: torch.Tensor, grad_z: torch.Tensor) -> None:
