@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "bf16_update")
+from amata_runner.config import PRECISIONS
+
 # precision=auto on CUDA, chosen from the bf16-vs-fp32 sweep in docs/benchmarks.md: bf16 lost no
 # robustness beyond seed noise (PGD +0.2/+0.8 points paired; bf16_update, whose attack is fp32,
 # scatters as widely), and a bf16 attack on a fixed model is as strong as an fp32 one.
