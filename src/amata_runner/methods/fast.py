@@ -38,8 +38,8 @@ the Amata paper ran Amata+Fast with):
   first training batch, as in the reference. On a
   drop of more than ``early_stop_drop`` the weights kept at the end of the last good epoch are
   loaded back and ``stop_requested`` ends the run.  The check reads one number to the host per
-  epoch (unavoidable: training stops on it); the engine calls it with the train clock paused, so
-  its seconds are not in ``train_seconds`` (its passes are counted).
+  epoch (unavoidable: training stops on it); it is training work, so the engine runs it on the
+  train clock and its seconds are in ``train_seconds`` (and its passes are counted).
 
 Pass counting, per example: FGSM step 1 forward + 1 backward (input gradient only, parameters
 frozen); update 1 forward + 1 backward; the early-stop check (one batch per epoch, when on)
