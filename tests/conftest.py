@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 from amata_runner.cli import config_dir
 from amata_runner.config import register_schemas, resolve_config
@@ -68,6 +69,18 @@ def amata_run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Co
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def bn_net(seed: int = 0) -> nn.Module:
+    """A small conv net on 1x6x6 inputs with BatchNorm, so an attack's BN mode matters."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
     )
 
 

@@ -22,24 +22,12 @@ from amata_runner.models import WideResNet, build_model
 from amata_runner.models.wide_resnet import WideBlock
 from amata_runner.passes import PassCounter
 from amata_runner.schedules import Control
-from conftest import FAST, compose_resolved, cpu_context
+from conftest import FAST, bn_net, compose_resolved, cpu_context
 
 EPS = 0.1
 CONTROL = Control(steps=5, step_size=0.03)
 SHAPE = (1, 6, 6)
 N_DIGITS = 1238  # digits training examples (1438 less 200 validation)
-
-
-def bn_net(seed: int = 0) -> nn.Module:
-    """A small conv net with BatchNorm, so the attack's BN mode matters."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 6 * 6, 3),
-    )
 
 
 def trades(model: nn.Module, beta: float = 6.0, lr: float = 0.1) -> TRADES:
