@@ -18,10 +18,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from amata_runner.config import SCHEDULES
+
 if TYPE_CHECKING:
     from torch import nn
 
-SCHEDULE_NAMES = ("constant", "linear", "exponential", "step")
+# The formulas of training progress below; schedule=adaptive watches the model (adaptive.py).
+SCHEDULE_NAMES = tuple(name for name in SCHEDULES if name != "adaptive")
 
 
 @dataclass(frozen=True)
