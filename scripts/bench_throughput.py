@@ -50,13 +50,13 @@ from hydra import compose, initialize_config_dir
 
 from amata_runner.cli import config_dir
 from amata_runner.config import register_schemas, resolve_config
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods import TrainContext, build_method
-from amata_runner.nonfinite import GuardedSGD
-from amata_runner.passes import PassCounter
-from amata_runner.precision import Precision, maybe_compile, training_precision
-from amata_runner.run_files import build_model_for
-from amata_runner.schedules import Control
+from amata_runner.runtime.nonfinite import GuardedSGD
+from amata_runner.runtime.passes import PassCounter
+from amata_runner.runtime.precision import Precision, maybe_compile, training_precision
+from amata_runner.runtime.run_files import build_model_for
 
 EPOCH_IMAGES = 50_000
 REFERENCE_KINDS = {"erm": "clean", "free": "free", "amata_free": "free", "fast": "fgsm_rs"}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from amata_runner.attacks.pgd import attack_mode, pgd_linf
 from amata_runner.data import eval_subset, load_run_data
-from amata_runner.run_files import load_trained
+from amata_runner.runtime.run_files import load_trained
 
 
 def autocast(device: torch.device, bf16: bool) -> torch.autocast | nullcontext[None]:

@@ -18,7 +18,7 @@ from torch import nn
 from amata_runner.cli import config_dir
 from amata_runner.config import register_schemas, resolve_config
 from amata_runner.methods.base import TrainContext
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 
 register_schemas()
 

@@ -14,15 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amata_runner import clock, engine
-from amata_runner.adaptive import AdaptiveSchedule, build_adaptive, choose
-from amata_runner.criterion import ProbeBatch
+from amata_runner import engine
+from amata_runner.control.adaptive import AdaptiveSchedule, build_adaptive, choose
+from amata_runner.control.criterion import ProbeBatch
 from amata_runner.data.datasets import load_digits
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
-from amata_runner.interrupts import Preempted
 from amata_runner.logging.metrics import read_rows
-from amata_runner.passes import PassCounter
+from amata_runner.runtime import clock
+from amata_runner.runtime.interrupts import Preempted
+from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, compose_resolved
 
 ADAPTIVE = ("method=pgd", "schedule=adaptive", "schedule.k_min=1", "schedule.probe_batch_size=32")

@@ -15,7 +15,7 @@ import torch
 from amata_runner.cli import evaluate
 from amata_runner.cli.evaluate import main
 from amata_runner.data import load_splits
-from amata_runner.run_files import load_trained
+from amata_runner.runtime.run_files import load_trained
 from conftest import FAST, amata_run
 
 SMALL = ["n_examples=24", "batch_size=12", "device=cpu", "cw_inf_steps=3"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amata_runner.attacks import attack_mode, pgd_linf
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 
 
 def trained_toy_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -19,14 +19,19 @@ import torch
 from torch._dynamo.utils import counters
 
 from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method
 from amata_runner.methods.free import Free
 from amata_runner.methods.pgd import PGD
 from amata_runner.methods.yopo import YOPO
 from amata_runner.models import build_model
-from amata_runner.precision import CompiledForward, Precision, maybe_compile, training_precision
-from amata_runner.schedules import Control
+from amata_runner.runtime.precision import (
+    CompiledForward,
+    Precision,
+    maybe_compile,
+    training_precision,
+)
 from conftest import cpu_context
 
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from amata_runner.config import EvalConfig, RunConfig
-from amata_runner.criterion import (
+from amata_runner.control.criterion import (
     CriterionProbe,
     InnerControl,
     criterion,
@@ -24,7 +24,7 @@ from amata_runner.criterion import (
     make_probes,
     summarise_criterion,
 )
-from amata_runner.criterion_config import (
+from amata_runner.control.criterion_config import (
     ControlGrid,
     CriterionConfig,
     check_criterion,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from amata_runner.attacks import pgd_linf
 from amata_runner.engine import Trainer
 from amata_runner.models import build_model
-from amata_runner.precision import Precision, maybe_compile
+from amata_runner.runtime.precision import Precision, maybe_compile
 from conftest import FAST, compose_resolved
 
 pytestmark = [

@@ -479,7 +479,7 @@ def test_imagenet_composes_with_the_free_threat_model(tmp_path: Path) -> None:
 def test_a_caltech256_run_trains_evaluates_and_resumes_mid_epoch(tmp_path: Path) -> None:
     """The engine on a folder dataset: streaming loader, chunked final evaluation, exact resume."""
     from amata_runner.engine import Trainer
-    from amata_runner.interrupts import Preempted
+    from amata_runner.runtime.interrupts import Preempted
 
     root = write_caltech(tmp_path / "data", per_class=10)
     overrides = [

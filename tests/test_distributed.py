@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from amata_runner.distributed import Dist, from_env
 from amata_runner.logging.metrics import read_rows
+from amata_runner.runtime.distributed import Dist, from_env
 from conftest import FAST, amata_run
 
 # The whole training split (no validation hold-out): the comparison with one process below is

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from amata_runner import clock, engine, final_eval
-from amata_runner.checkpoint import load_checkpoint
+from amata_runner import engine, final_eval
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods.pgd import PGD
+from amata_runner.runtime import clock
+from amata_runner.runtime.checkpoint import load_checkpoint
 from amata_runner.summary import time_to_targets
 from conftest import FAST, compose_resolved
 

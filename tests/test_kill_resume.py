@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from amata_runner.interrupts import PREEMPTED_EXIT
 from amata_runner.logging.metrics import read_rows
+from amata_runner.runtime.interrupts import PREEMPTED_EXIT
 from conftest import FAST, amata_run
 
 ARGS = [
@@ -131,7 +131,7 @@ def test_sigkill_at_many_points_then_resume_is_the_uninterrupted_run(
 # The second checkpoint write dies half way through (as a SIGKILL or power cut would leave it).
 KILL_IN_SAVE = """
 import os, signal, torch
-import amata_runner.checkpoint as checkpoint
+import amata_runner.runtime.checkpoint as checkpoint
 _save, _calls = torch.save, [0]
 def save(obj, f, *args, **kwargs):
     _calls[0] += 1

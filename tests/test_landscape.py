@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from amata_runner.cli.landscape import main
-from amata_runner.errors import ConfigError
-from amata_runner.landscape import (
+from amata_runner.control.landscape import (
     TrajectorySpec,
     amata_control,
     compute_landscape,
     trajectory_spec,
 )
+from amata_runner.errors import ConfigError
 from conftest import FAST, amata_run
 
 GRID = 9

@@ -24,7 +24,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from amata_runner.cli import config_dir
-from amata_runner.interrupts import StopRequests
 from amata_runner.launchers import (
     OneGpuPerWorker,
     RequeueSignal,
@@ -33,6 +32,7 @@ from amata_runner.launchers import (
     with_resume_auto,
 )
 from amata_runner.logging.metrics import read_rows
+from amata_runner.runtime.interrupts import StopRequests
 from conftest import FAST, amata_run
 
 # A run long enough to be interrupted part way: 2 epochs of 12 batches (all 1,438 training

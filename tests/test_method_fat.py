@@ -18,7 +18,7 @@ from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.fat import FAT, FATRule, tau_at
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, compose_resolved, cpu_context
 
 ALPHA = 0.01

@@ -20,7 +20,7 @@ from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import StepOutput, TrainContext
 from amata_runner.methods.fosc import FOSC, FOSCRule, criterion_at, fosc_linf
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, compose_resolved, cpu_context
 
 

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from amata_runner.build import build_schedule
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.free import Free
-from amata_runner.schedules import Control
 from conftest import FAST, compose_resolved, cpu_context
 
 N_DIGITS = 1238  # digits training examples (1438 less 200 validation); batch 128 -> 10 per epoch

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from amata_runner.build import build_schedule
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.mart import MART, boosted_cross_entropy, misclassification_weights
-from amata_runner.passes import PassCounter
-from amata_runner.schedules import Control
+from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, bn_net, compose_resolved, cpu_context
 
 EPS = 0.1

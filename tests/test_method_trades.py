@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amata_runner.build import build_schedule
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
@@ -20,8 +21,7 @@ from amata_runner.methods import build_method
 from amata_runner.methods.trades import TRADES, kl_sum
 from amata_runner.models import WideResNet, build_model
 from amata_runner.models.wide_resnet import WideBlock
-from amata_runner.passes import PassCounter
-from amata_runner.schedules import Control
+from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, bn_net, compose_resolved, cpu_context
 
 EPS = 0.1

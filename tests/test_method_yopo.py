@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amata_runner.build import build_schedule
-from amata_runner.checkpoint import load_checkpoint
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
@@ -22,7 +22,7 @@ from amata_runner.logging.metrics import read_rows
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.yopo import YOPO
 from amata_runner.models import build_model
-from amata_runner.schedules import Control
+from amata_runner.runtime.checkpoint import load_checkpoint
 from conftest import FAST, amata_run, compose_resolved, cpu_context
 
 # --------------------------------------------------------------------------- helpers

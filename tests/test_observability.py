@@ -27,12 +27,12 @@ import pytest
 import torch
 import yaml
 
-from amata_runner.interrupts import PREEMPTED_EXIT
 from amata_runner.logging.metrics import read_rows
 from amata_runner.logging.progress import closing_line, count, resume_command, seconds
 from amata_runner.report import build_sections, collect_runs, write_report
 from amata_runner.report.plots import mean_curve
 from amata_runner.report.tables import results_table
+from amata_runner.runtime.interrupts import PREEMPTED_EXIT
 from conftest import FAST
 
 ARGS = [*[a for a in FAST if not a.startswith("epochs=")], "epochs=3", "logger=tensorboard"]

@@ -16,14 +16,20 @@ import pytest
 import torch
 
 from amata_runner import engine
-from amata_runner.checkpoint import LAST, PREVIOUS, load_checkpoint, load_latest, save_atomic
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
-from amata_runner.interrupts import ForcedStop, Preempted
 from amata_runner.logging import GuardedSink
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods.base import StepOutput
-from amata_runner.nonfinite import GuardedSGD, NonFiniteLoss
+from amata_runner.runtime.checkpoint import (
+    LAST,
+    PREVIOUS,
+    load_checkpoint,
+    load_latest,
+    save_atomic,
+)
+from amata_runner.runtime.interrupts import ForcedStop, Preempted
+from amata_runner.runtime.nonfinite import GuardedSGD, NonFiniteLoss
 from conftest import FAST, compose_resolved
 
 TIMED = {"train_seconds"}

@@ -24,13 +24,19 @@ import pytest
 import torch
 
 from amata_runner import engine
-from amata_runner.checkpoint import LAST, PREVIOUS, load_checkpoint, load_latest, save_atomic
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError, StorageError
-from amata_runner.interrupts import ForcedStop
 from amata_runner.logging.metrics import read_rows
-from amata_runner.nonfinite import GuardedSGD, NonFiniteLoss
-from amata_runner.run_dir import RunLock, write_status
+from amata_runner.runtime.checkpoint import (
+    LAST,
+    PREVIOUS,
+    load_checkpoint,
+    load_latest,
+    save_atomic,
+)
+from amata_runner.runtime.interrupts import ForcedStop
+from amata_runner.runtime.nonfinite import GuardedSGD, NonFiniteLoss
+from amata_runner.runtime.run_dir import RunLock, write_status
 from conftest import FAST, amata_run, compose_resolved
 
 RUN = [*FAST, "epochs=1"]

@@ -7,7 +7,7 @@ import torch
 
 from amata_runner.build import build_schedule
 from amata_runner.errors import ConfigError
-from amata_runner.runtime import select_device
+from amata_runner.runtime.device import select_device
 from conftest import compose_resolved
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from amata_runner.schedules import Schedule, anneal_fraction
+from amata_runner.control.schedules import Schedule, anneal_fraction
 
 
 def make(name: str = "linear", **kw: object) -> Schedule:

@@ -34,7 +34,7 @@ from amata_runner.data.validation import stratified_indices, validation_count
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.methods.fast import Fast
-from amata_runner.run_files import load_trained
+from amata_runner.runtime.run_files import load_trained
 from conftest import compose_resolved, cpu_context
 from test_data_folders import dataset_cfg, write_caltech
 
@@ -274,7 +274,7 @@ def test_resume_keeps_the_split_and_refuses_another(tmp_path: Path) -> None:
         return original(batch, control)
 
     first.method.train_batch = train_batch  # type: ignore[method-assign]
-    from amata_runner.interrupts import Preempted
+    from amata_runner.runtime.interrupts import Preempted
 
     with pytest.raises(Preempted):
         first.run()

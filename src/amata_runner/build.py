@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from amata_runner.adaptive import build_adaptive
 from amata_runner.attacks.suite import SuiteOptions, paper_cw_l2_c
-from amata_runner.criterion import CriterionProbe
+from amata_runner.control.adaptive import build_adaptive
+from amata_runner.control.criterion import CriterionProbe
+from amata_runner.control.schedules import ControlSchedule, Schedule
 from amata_runner.data import (
     DeviceLoader,
     StreamingLoader,
@@ -29,19 +30,18 @@ from amata_runner.data import (
     load_run_data,
     make_train_loader,
 )
-from amata_runner.distributed import Dist, from_env, init_process_group
 from amata_runner.errors import ConfigError
 from amata_runner.evaluation import AttackSpec
 from amata_runner.methods import Method, TrainContext, build_method
-from amata_runner.nonfinite import GuardedSGD
-from amata_runner.passes import PassCounter
-from amata_runner.precision import Precision, maybe_compile, training_precision
-from amata_runner.run_files import build_model_for
-from amata_runner.runtime import configure_backend, seed_everything, select_device
-from amata_runner.schedules import ControlSchedule, Schedule
+from amata_runner.runtime.device import configure_backend, seed_everything, select_device
+from amata_runner.runtime.distributed import Dist, from_env, init_process_group
+from amata_runner.runtime.nonfinite import GuardedSGD
+from amata_runner.runtime.passes import PassCounter
+from amata_runner.runtime.precision import Precision, maybe_compile, training_precision
+from amata_runner.runtime.run_files import build_model_for
 
 if TYPE_CHECKING:
-    from amata_runner.run_state import Start
+    from amata_runner.runtime.run_state import Start
 
 log = logging.getLogger(__name__)
 

@@ -82,3 +82,14 @@ def at_most(cfg: DictConfig, key: str, high: int | float, why: str) -> None:
     """Reject sizes no run could mean (they would exhaust memory or run for years)."""
     value = OmegaConf.select(cfg, key)
     require(value <= high, key, value, f"must be <= {high:_} ({why})")
+
+
+def check_attack(cfg: DictConfig, *, steps: bool = True, attack_bn: bool = True) -> None:
+    """The L-inf attack settings most methods share: ``method.eps`` in (0, 1], a positive
+    ``method.step_size``, ``method.steps`` >= 1 and ``method.attack_bn`` one of the BN modes."""
+    positive_budget(cfg, "method.eps", upper=1.0)
+    positive_budget(cfg, "method.step_size")
+    if steps:
+        at_least(cfg, "method.steps", 1)
+    if attack_bn:
+        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)

@@ -20,7 +20,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from amata_runner import method_configs
 from amata_runner.checks import (
-    ATTACK_BN_MODES,
     at_least,
     at_most,
     finite,
@@ -29,34 +28,12 @@ from amata_runner.checks import (
     require,
     whole_number,
 )
-from amata_runner.criterion_config import CriterionConfig, check_criterion
+from amata_runner.control.criterion_config import CriterionConfig, check_criterion
 from amata_runner.errors import ConfigError
 
 FOLDER_DATASETS = ("caltech256", "imagenet")  # image folders decoded by DataLoader workers
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", *FOLDER_DATASETS)
 MODELS = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50", "wrn28_10", "wrn34_10")
-METHODS = (
-    "erm",
-    "pgd",
-    "amata",
-    "fosc",
-    "fat",
-    "yopo",
-    "amata_yopo",
-    "free",
-    "amata_free",
-    "fast",
-    "amata_fast",
-    "atta",
-    "amata_atta",
-    "trades",
-    "amata_trades",
-    "mart",
-    "amata_mart",
-)
-# Methods whose strength follows the `schedule` group (the others are unscheduled or, like FOSC
-# and FAT, carry their reference schedule in their own config).
-SCHEDULED_METHODS = tuple(m for m in METHODS if m not in ("erm", "fosc", "fat"))
 SCHEDULES = ("constant", "linear", "exponential", "step", "adaptive")
 ADAPTIVE_MODES = ("monotone", "free")
 ADAPTIVE_RULES = ("adequacy", "hamiltonian")
@@ -142,25 +119,6 @@ class Caltech256Config(FolderDatasetConfig):
 class ModelConfig:
     name: str = MISSING
     normalize: bool = True
-
-
-@dataclass
-class ERMConfig:
-    """Standard training on clean inputs: the no-attack baseline."""
-
-    name: str = "erm"
-
-
-@dataclass
-class PGDConfig:
-    """Madry PGD-K training; ``steps``/``step_size`` are the baseline control K, alpha."""
-
-    name: str = "pgd"
-    eps: Any = "${dataset.threat.eps}"
-    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
-    step_size: Any = "${dataset.threat.step_size}"
-    random_start: bool = True
-    attack_bn: str = "eval"
 
 
 @dataclass
@@ -323,7 +281,7 @@ def register_schemas() -> None:
             "base": DatasetConfig,
         },
         "model": {"base": ModelConfig},
-        "method": {"erm": ERMConfig, "pgd": PGDConfig, **method_configs.SCHEMAS},
+        "method": _method_schemas(),
         "schedule": {"base": ScheduleConfig},
         "optim": {"sgd": OptimConfig},
         "eval": {"base": EvalConfig},
@@ -337,6 +295,21 @@ def register_schemas() -> None:
     for group, options in groups.items():
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def _method_schemas() -> dict[str, type]:
+    """Each registered method's typed config (methods/registry.py)."""
+    from amata_runner.methods.registry import base_specs
+
+    _register_methods()
+    schemas = {spec.name: spec.config for spec in base_specs()}
+    return {**method_configs.SCHEMAS, **schemas}  # TRANSITION
+
+
+def _register_methods() -> None:
+    """Import the methods package, whose modules register themselves (this loads torch, so it
+    happens only once a config is composed or checked, never when this module is imported)."""
+    import amata_runner.methods  # noqa: F401
 
 
 def resolve_config(cfg: DictConfig) -> DictConfig:
@@ -544,17 +517,16 @@ def _physical_memory() -> int | None:
 
 
 def _check_method_and_schedule(cfg: DictConfig) -> None:
-    one_of(cfg, "method.name", METHODS)
-    name = cfg.method.name
-    if name in ("pgd", "amata"):
-        positive_budget(cfg, "method.eps", upper=1.0)
-        positive_budget(cfg, "method.step_size")
-        at_least(cfg, "method.steps", 1)
-        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
-    check = method_configs.CHECKS.get(name.removeprefix("amata_"))
-    if check is not None:
+    from amata_runner.methods.registry import method_names, method_spec
+
+    _register_methods()
+    one_of(cfg, "method.name", method_names())
+    spec = method_spec(cfg.method.name)
+    spec.check(cfg)
+    check = method_configs.CHECKS.get(spec.name)  # TRANSITION
+    if check is not None and not hasattr(spec.config, "check"):
         check(cfg)
-    if name not in SCHEDULED_METHODS:
+    if not spec.scheduled:
         return
 
     one_of(cfg, "schedule.name", SCHEDULES)

@@ -9,7 +9,7 @@ schedule chooses its control (``ControlSchedule.decide``) or how the run was put
 - device values (loss, accuracy) are summed on the device and read once per evaluation point;
 - each evaluation point appends one metrics row at once; each epoch ends with an atomic ``last``
   checkpoint holding everything needed to continue bit-for-bit (``resume=true``, see
-  :mod:`~amata_runner.run_state`), the one before it kept as ``last.prev``;
+  :mod:`~amata_runner.runtime.run_state`), the one before it kept as ``last.prev``;
 - a stop signal (``interrupts``) ends the current step, then writes a mid-epoch checkpoint that
   resumes at the next batch; a NaN/Inf loss (``nonfinite``) stops before anything poisoned is
   written.
@@ -27,23 +27,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from amata_runner.build import Run, build_run
-from amata_runner.checkpoint import BEST, LAST, copy_atomic, save_atomic
-from amata_runner.clock import TrainClock
+from amata_runner.control.schedules import Control
 from amata_runner.data import TestData, ValidationSplit
 from amata_runner.data.loader import DeviceLoader
 from amata_runner.data.streaming import StreamingLoader
 from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
 from amata_runner.final_eval import final_attack_names, final_evaluation
-from amata_runner.interrupts import Preempted, StopRequests
 from amata_runner.logging import MetricsFile, MetricsSink, ProgressBar, build_sinks
 from amata_runner.logging.metrics import write_json_atomic
 from amata_runner.logging.progress import RunLog
 from amata_runner.methods import Method
-from amata_runner.nonfinite import GuardedSGD, NonFiniteLoss
-from amata_runner.provenance import collect as collect_provenance
-from amata_runner.provenance import now as timestamp
-from amata_runner.run_state import Progress, Start, checkpoint_state, prepare_start, restore
-from amata_runner.schedules import Control
+from amata_runner.runtime.checkpoint import BEST, LAST, copy_atomic, save_atomic
+from amata_runner.runtime.clock import TrainClock
+from amata_runner.runtime.interrupts import Preempted, StopRequests
+from amata_runner.runtime.nonfinite import GuardedSGD, NonFiniteLoss
+from amata_runner.runtime.provenance import collect as collect_provenance
+from amata_runner.runtime.provenance import now as timestamp
+from amata_runner.runtime.run_state import Progress, Start, checkpoint_state, prepare_start, restore
 from amata_runner.summary import summarise_training
 
 log = logging.getLogger(__name__)

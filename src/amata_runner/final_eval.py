@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 from amata_runner.attacks.suite import merge_results, run_suite
 from amata_runner.build import Run
 from amata_runner.data import ImageSet, eval_batches
-from amata_runner.interrupts import Preempted, StopRequests
 from amata_runner.logging.metrics import write_json_atomic
+from amata_runner.runtime.interrupts import Preempted, StopRequests
 
 FINAL_EVAL_PARTIAL = "final_eval.partial.json"
 FINAL_EVAL_CHUNK = 4096  # test images decoded at once for the folder datasets' final evaluation

@@ -8,7 +8,7 @@ as the plugins' launchers plus the mixins here, for two reasons:
   and its handler requeues at once, killing the step in flight: the work since the last
   checkpoint is lost and status.json still says "running". Here the signal goes to the runner's
   own stop handling first (finish the step, write a mid-epoch checkpoint, exit 75, see
-  :mod:`amata_runner.interrupts`) and only then does submitit requeue the job, with the same
+  :mod:`amata_runner.runtime.interrupts`) and only then does submitit requeue the job, with the same
   overrides into the same directory. Every job is launched with ``resume=auto``, so the requeued
   job continues from that checkpoint and a first attempt starts from scratch.
 - joblib's worker processes all see every GPU; here each worker takes one for its lifetime.
@@ -30,7 +30,7 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from omegaconf import DictConfig
 
-from amata_runner.interrupts import PREEMPTED_EXIT, StopRequests
+from amata_runner.runtime.interrupts import PREEMPTED_EXIT, StopRequests
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from amata_runner.build import Run
-from amata_runner.checkpoint import BEST
-from amata_runner.criterion import summarise_criterion
-from amata_runner.run_state import Progress
+from amata_runner.control.criterion import summarise_criterion
+from amata_runner.runtime.checkpoint import BEST
+from amata_runner.runtime.run_state import Progress
 
 _TARGET_FIELDS = ("train_seconds", "epoch", "iteration", "forward_passes", "backward_passes")
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from amata_runner.attacks.linf import random_start
 from amata_runner.attacks.pgd import frozen_parameters, pgd_linf
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 
 CW_L2_INITS = ("zero", "input", "random")
 CW_L2_KEEP = ("best", "final")

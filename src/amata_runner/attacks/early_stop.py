@@ -40,7 +40,7 @@ from torch import nn
 
 from amata_runner.attacks.linf import project
 from amata_runner.attacks.pgd import frozen_parameters
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 
 
 class StopRule(Protocol):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amata_runner.attacks.linf import project_delta, random_delta, signed_step
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from torch import nn
 
 from amata_runner.attacks.linf import project_delta, random_delta, signed_step
 from amata_runner.attacks.pgd import frozen_parameters
-from amata_runner.passes import PassCounter
+from amata_runner.runtime.passes import PassCounter
 
 
 def _masked_pgd(

@@ -51,7 +51,7 @@ from amata_runner.checks import as_float
 from amata_runner.cli.options import parse_options, run_tool
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import write_json_atomic
-from amata_runner.runtime import select_device
+from amata_runner.runtime.device import select_device
 
 TOOL = "amata-eval"
 EVAL_FORMAT = 1
@@ -209,7 +209,7 @@ def evaluate_checkpoint(argv: Sequence[str]) -> dict[str, Any]:
         load_autoattack()  # a missing optional extra stops here, before any loading or work
 
     from amata_runner.data import eval_subset, load_splits
-    from amata_runner.run_files import load_trained
+    from amata_runner.runtime.run_files import load_trained
 
     trained = load_trained(opts.ckpt, device)
     run_cfg = trained.cfg

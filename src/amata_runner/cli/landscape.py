@@ -7,7 +7,8 @@
 For each test example it writes ``landscape_<index>.png`` (contours of the adversarial loss on the
 plane of the PGD-40 PCA direction and a Rademacher direction, with the trajectories and their final
 losses) and ``landscape_<index>.npz`` (the grid, the directions, the projected trajectories) beside
-the checkpoint, or in ``out=DIR``. See :mod:`amata_runner.landscape` for how the plane is built.
+the checkpoint, or in ``out=DIR``. See :mod:`amata_runner.control.landscape` for how the plane
+is built.
 """
 
 from __future__ import annotations
@@ -78,16 +79,16 @@ def _body(argv: list[str]) -> list[Path]:
 
     import torch  # torch-heavy imports after the options are known to be sane
 
-    from amata_runner.data import eval_subset, load_splits
-    from amata_runner.landscape import (
+    from amata_runner.control.landscape import (
         amata_control,
         compute_landscape,
         plot_landscape,
         save_npz,
         trajectory_spec,
     )
-    from amata_runner.run_files import load_trained
-    from amata_runner.runtime import select_device
+    from amata_runner.data import eval_subset, load_splits
+    from amata_runner.runtime.device import select_device
+    from amata_runner.runtime.run_files import load_trained
 
     device = select_device(opts.device)
     run = load_trained(opts.ckpt, device)

@@ -23,12 +23,12 @@ from amata_runner.cli import config_dir
 from amata_runner.cli.preflight import preflight
 from amata_runner.config import register_schemas, resolve_config
 from amata_runner.data import check_available
-from amata_runner.distributed import from_env, init_process_group
 from amata_runner.errors import ConfigError, StorageError
-from amata_runner.interrupts import PREEMPTED_EXIT, ForcedStop, Preempted, StopRequests
 from amata_runner.logging import progress
-from amata_runner.nonfinite import NonFiniteLoss
-from amata_runner.run_dir import (
+from amata_runner.runtime.distributed import from_env, init_process_group
+from amata_runner.runtime.interrupts import PREEMPTED_EXIT, ForcedStop, Preempted, StopRequests
+from amata_runner.runtime.nonfinite import NonFiniteLoss
+from amata_runner.runtime.run_dir import (
     RunDirBusy,
     RunLock,
     read_status,

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from amata_runner.run_dir import storage_error
+from amata_runner.runtime.run_dir import storage_error
 
 log = logging.getLogger(__name__)
 

@@ -1,45 +1,31 @@
-"""Training methods behind one interface (``Method.train_batch``), built from ``cfg.method``.
+"""Training methods behind one interface (``Method.train_batch``), one module per method.
 
-Each method lives in its own module with a ``build(cfg.method, ctx)`` function; modules are
-imported only when their method is used.  ``amata_*`` configs are not separate algorithms: they
-compose a method with an annealing schedule, so they build the same class.
+Importing this package imports every module in it, and each method module registers itself
+(``registry.register_method``) with its typed config and its step together; :func:`build_method`
+builds the class from the run's ``cfg.method``.  So a new method is a new module here and its
+YAML in ``conf/method/``: no list to extend.  ``amata_*`` configs are not separate algorithms: they
+compose a method with an annealing schedule, so they build the same class from the same config.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from omegaconf import DictConfig
 
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.registry import method_spec
 
-# method name (cfg.method.name) -> module implementing it
-IMPLEMENTATIONS: dict[str, str] = {
-    "erm": "erm",
-    "pgd": "pgd",
-    "amata": "pgd",
-    "fosc": "fosc",
-    "fat": "fat",
-    "yopo": "yopo",
-    "amata_yopo": "yopo",
-    "free": "free",
-    "amata_free": "free",
-    "fast": "fast",
-    "amata_fast": "fast",
-    "atta": "atta",
-    "amata_atta": "atta",
-    "trades": "trades",
-    "amata_trades": "trades",
-    "mart": "mart",
-    "amata_mart": "mart",
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_method(cfg: DictConfig, ctx: TrainContext) -> Method:
-    module = IMPLEMENTATIONS.get(cfg.name)
-    if module is None:
-        raise ValueError(f"unknown method {cfg.name!r}")
-    return importlib.import_module(f"amata_runner.methods.{module}").build(cfg, ctx)
+    """The method ``cfg.name`` names, built from its typed config (``cfg`` is ``cfg.method``)."""
+    spec = method_spec(cfg.name)
+    method: Method = spec.method(ctx, spec.typed(cfg))
+    return method
 
 
-__all__ = ["IMPLEMENTATIONS", "Method", "StepOutput", "TrainContext", "build_method"]
+__all__ = ["Method", "StepOutput", "TrainContext", "build_method"]

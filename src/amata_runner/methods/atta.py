@@ -58,9 +58,9 @@ from omegaconf import DictConfig
 
 from amata_runner.attacks.linf import project_delta
 from amata_runner.attacks.pgd import attack_mode, frozen_parameters, last, pgd_deltas
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.schedules import Control
 
 
 class ATTA(Method):

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
-from amata_runner.distributed import Dist
-from amata_runner.passes import PassCounter
-from amata_runner.schedules import Control
+from amata_runner.runtime.distributed import Dist
+from amata_runner.runtime.passes import PassCounter
 
 
 @dataclass

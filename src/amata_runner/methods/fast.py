@@ -59,9 +59,9 @@ from torch import nn
 
 from amata_runner.attacks.linf import clip_to_image, project_delta, random_delta, signed_step
 from amata_runner.attacks.pgd import attack_mode, frozen_parameters, pgd_linf
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.schedules import Control
 
 
 def fgsm_delta(

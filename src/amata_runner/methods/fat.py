@@ -53,10 +53,10 @@ from omegaconf import DictConfig
 from amata_runner.attacks.early_stop import early_stopped_pgd
 from amata_runner.attacks.linf import random_start
 from amata_runner.attacks.pgd import attack_mode
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import StepOutput, TrainContext
 from amata_runner.methods.running import MeasuredMethod, RunningMeans
-from amata_runner.schedules import Control
 
 REFERENCE_MILESTONES = (50, 90)
 

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from amata_runner.attacks.linf import project_delta, signed_step
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.schedules import Control
 
 
 class Free(Method):

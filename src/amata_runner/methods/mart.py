@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.control.schedules import Control
 from amata_runner.methods.base import TrainContext
 from amata_runner.methods.trades import TRADES
-from amata_runner.schedules import Control
 
 
 def misclassification_weights(clean_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,42 +13,56 @@ objective, not the YOPO code's adversarial + clean sum).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from omegaconf import DictConfig
 
 from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.checks import check_attack
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.schedules import Control
+from amata_runner.methods.registry import register_method
 
 
+@dataclass
+class PGDConfig:
+    """Madry PGD-K training; ``steps``/``step_size`` are the baseline control K, alpha."""
+
+    name: str = "pgd"
+    eps: Any = "${dataset.threat.eps}"
+    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
+    step_size: Any = "${dataset.threat.step_size}"
+    random_start: bool = True
+    attack_bn: str = "eval"
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        check_attack(cfg)
+
+
+@register_method("pgd", PGDConfig, annealed="amata")
 class PGD(Method):
     uses_control = True
 
-    def __init__(
-        self, ctx: TrainContext, *, eps: float, random_start: bool = True, attack_bn: str = "eval"
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: PGDConfig) -> None:
         super().__init__(ctx)
-        self.eps = eps
-        self.random_start = random_start
-        self.attack_bn = attack_bn
+        self.cfg = cfg
 
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         if control is None:
             raise ValueError("PGD needs a control (K, alpha) from a schedule")
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.attack_precision():
+        with attack_mode(model, self.cfg.attack_bn), self.attack_precision():
             x_adv = pgd_linf(
                 model,
                 batch.x,
                 batch.y,
-                eps=self.eps,
+                eps=self.cfg.eps,
                 step_size=control.step_size,
                 steps=control.steps,
-                random_start=self.random_start,
+                random_start=self.cfg.random_start,
                 counter=self.ctx.counter,
             )
         return self.update(x_adv, batch.y)
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> PGD:
-    return PGD(ctx, eps=cfg.eps, random_start=cfg.random_start, attack_bn=cfg.attack_bn)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.schedules import Control
 
 
 def kl_sum(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

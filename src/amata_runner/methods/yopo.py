@@ -73,9 +73,9 @@ from torch import nn
 
 from amata_runner.attacks.linf import project, random_start, signed_step
 from amata_runner.attacks.pgd import frozen_parameters
+from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
-from amata_runner.schedules import Control
 
 LAYER_ONE_CE = ("none", "all", "after_first")
 LAYER_ONE_GAMMA = 0.1  # the reference's MultiStepLR factor for its layer-one optimiser

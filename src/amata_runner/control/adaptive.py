@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from amata_runner.config import ADAPTIVE_MODES, ADAPTIVE_RULES
-from amata_runner.criterion import h_values, make_probes
-from amata_runner.criterion_config import InnerControl
-from amata_runner.passes import PassCounter
-from amata_runner.schedules import Control
+from amata_runner.control.criterion import h_values, make_probes
+from amata_runner.control.criterion_config import InnerControl
+from amata_runner.control.schedules import Control
+from amata_runner.runtime.passes import PassCounter
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def choose(h: dict[int, float], current: int | None, mode: str) -> int:
 class AdaptiveSchedule:
     """The controls of ``schedule=adaptive``; holds the probes, the current K and the decisions.
 
-    A :class:`~amata_runner.schedules.ControlSchedule`, like the annealing schedules: the engine
-    drives both through :meth:`decide`, :meth:`metrics` and the state dict alone.
+    A :class:`~amata_runner.control.schedules.ControlSchedule`, like the annealing schedules: the
+    engine drives both through :meth:`decide`, :meth:`metrics` and the state dict alone.
     """
 
     def __init__(

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from amata_runner.checkpoint import LAST, load_latest, rng_state, set_rng_state
 from amata_runner.errors import ConfigError
-from amata_runner.run_dir import refuse_fresh_start_over_results, result_files
+from amata_runner.runtime.checkpoint import LAST, load_latest, rng_state, set_rng_state
+from amata_runner.runtime.run_dir import refuse_fresh_start_over_results, result_files
 
 if TYPE_CHECKING:
     from amata_runner.build import Run

@@ -37,9 +37,9 @@ from torch import nn
 
 from amata_runner.attacks.linf import random_delta
 from amata_runner.attacks.pgd import pgd_iterates
-from amata_runner.criterion import measuring
+from amata_runner.control.criterion import measuring
+from amata_runner.control.schedules import Schedule
 from amata_runner.errors import ConfigError
-from amata_runner.schedules import Schedule
 
 _PGD_NAME = re.compile(r"^pgd(\d+)$")
 

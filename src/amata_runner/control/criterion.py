@@ -40,7 +40,7 @@ from torch import nn
 
 from amata_runner.attacks.linf import random_delta
 from amata_runner.attacks.pgd import attack_mode, pgd_iterates
-from amata_runner.criterion_config import ControlGrid, InnerControl, control_grid
+from amata_runner.control.criterion_config import ControlGrid, InnerControl, control_grid
 from amata_runner.errors import ConfigError
 
 # A current control within this relative distance of a member of G *is* that member (a schedule's

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amata_runner.distributed import Dist
+from amata_runner.runtime.distributed import Dist
 
 
 class NonFiniteLoss(RuntimeError):

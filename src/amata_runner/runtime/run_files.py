@@ -16,9 +16,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from amata_runner.checkpoint import BEST, LAST, load_checkpoint
 from amata_runner.errors import ConfigError
 from amata_runner.models import build_model
+from amata_runner.runtime.checkpoint import BEST, LAST, load_checkpoint
 
 
 def build_model_for(cfg: DictConfig, device: torch.device) -> nn.Module:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from amata_runner.errors import ConfigError
-from amata_runner.run_dir import storage_error
+from amata_runner.runtime.run_dir import storage_error
 
 log = logging.getLogger(__name__)
 
