@@ -87,7 +87,11 @@ def test_a_failing_job_does_not_stop_the_grid(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("schedule.k_min=50", "schedule.k_min=50: must be <= schedule.k_max"),
+        ("schedule.k_min=50", "schedule.k_min=50: must be <= 10 (method.steps)"),
+        (
+            "schedule.k_max=20",
+            "unknown key; the schedule anneals from schedule.k_min up to the method",
+        ),
         ("method.eps=0", "method.eps=0.0: must be a finite number > 0"),
         ("schedule.tau=-0.1", "schedule.tau=-0.1: must be a finite number > 0"),
         ("method=fgsm", "method='fgsm': allowed: amata, amata_atta, amata_fast, amata_free"),

@@ -22,9 +22,9 @@ from amata_runner.attacks.pgd import attack_mode, pgd_linf
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method
-from amata_runner.methods.free import Free
-from amata_runner.methods.pgd import PGD
-from amata_runner.methods.yopo import YOPO
+from amata_runner.methods.free import Free, FreeConfig
+from amata_runner.methods.pgd import PGD, PGDConfig
+from amata_runner.methods.yopo import YOPO, YOPOConfig
 from amata_runner.models import build_model
 from amata_runner.runtime.precision import (
     CompiledForward,
@@ -113,14 +113,14 @@ def test_pgd_same_examples_and_update(aot: Pair) -> None:
     aot.reset()
     eager_adv, compiled_adv = attack_pair(aot, steps=5)
     assert torch.equal(eager_adv, compiled_adv)
-    train_both(aot, lambda ctx: PGD(ctx, eps=EPS), [Control(5, ALPHA)])
+    train_both(aot, lambda ctx: PGD(ctx, PGDConfig(eps=EPS)), [Control(5, ALPHA)])
     assert_same_params(aot.eager, aot.compiled, atol=1e-6)
 
 
 def test_amata_k_changes_between_epochs_without_recompiling(aot: Pair) -> None:
     """Amata's K rises 2 -> 10: after the first K the compiled graphs serve every other K."""
     aot.reset()
-    method = PGD(context(aot.compiled), eps=EPS)
+    method = PGD(context(aot.compiled), PGDConfig(eps=EPS))
     torch.manual_seed(0)
     method.train_batch(batch(), Control(2, 0.25))  # attack graph (eval) + update graph (train)
     after_first = aot.graphs()
@@ -131,14 +131,14 @@ def test_amata_k_changes_between_epochs_without_recompiling(aot: Pair) -> None:
     assert aot.graphs() == after_first
     aot.reset()
     controls = [Control(k, 0.5 / k) for k in (2, 4, 6)]
-    train_both(aot, lambda ctx: PGD(ctx, eps=EPS), controls)
+    train_both(aot, lambda ctx: PGD(ctx, PGDConfig(eps=EPS)), controls)
     assert_same_params(aot.eager, aot.compiled, atol=1e-6)
 
 
 def test_free_same_perturbation_and_updates(aot: Pair) -> None:
     aot.reset()
     eager, compiled = train_both(
-        aot, lambda ctx: Free(ctx, eps=EPS, replays=3), [Control(3, EPS), Control(3, EPS)]
+        aot, lambda ctx: Free(ctx, FreeConfig(eps=EPS, steps=3)), [Control(3, EPS), Control(3, EPS)]
     )
     assert isinstance(eager, Free) and isinstance(compiled, Free)
     assert eager.delta is not None and compiled.delta is not None
@@ -148,7 +148,11 @@ def test_free_same_perturbation_and_updates(aot: Pair) -> None:
 
 def test_yopo_same_updates_through_the_compiled_split(aot: Pair) -> None:
     aot.reset()
-    train_both(aot, lambda ctx: YOPO(ctx, eps=EPS, inner_steps=3), [Control(2, 0.01)] * 2)
+    train_both(
+        aot,
+        lambda ctx: YOPO(ctx, YOPOConfig(eps=EPS, inner_steps=3, lr_divisor=1)),
+        [Control(2, 0.01)] * 2,
+    )
     assert_same_params(aot.eager, aot.compiled, atol=1e-6)
 
 
@@ -199,10 +203,10 @@ def test_inductor_pgd_and_amata_match_eager_without_a_recompilation_storm(
     assert (eager_adv != compiled_adv).float().mean() < 0.01  # sign flips at |grad| ~ 0 only
     assert (eager_adv - compiled_adv).abs().max() <= 2 * EPS + 1e-6
     controls = [Control(k, 0.5 / k) for k in (2, 5, 10)]
-    train_both(inductor, lambda ctx: PGD(ctx, eps=EPS), controls[:1])
+    train_both(inductor, lambda ctx: PGD(ctx, PGDConfig(eps=EPS)), controls[:1])
     graphs = inductor.graphs()
     inductor.reset()
-    train_both(inductor, lambda ctx: PGD(ctx, eps=EPS), controls)
+    train_both(inductor, lambda ctx: PGD(ctx, PGDConfig(eps=EPS)), controls)
     assert inductor.graphs() == graphs  # K = 5 and 10 reuse the K = 2 graphs
     assert_same_params(inductor.eager, inductor.compiled, atol=1e-4)
 
@@ -210,8 +214,12 @@ def test_inductor_pgd_and_amata_match_eager_without_a_recompilation_storm(
 @pytest.mark.slow
 def test_inductor_free_and_yopo_match_eager(inductor: Pair) -> None:
     inductor.reset()
-    train_both(inductor, lambda ctx: Free(ctx, eps=EPS, replays=2), [Control(2, EPS)])
+    train_both(inductor, lambda ctx: Free(ctx, FreeConfig(eps=EPS, steps=2)), [Control(2, EPS)])
     assert_same_params(inductor.eager, inductor.compiled, atol=1e-4)
     inductor.reset()
-    train_both(inductor, lambda ctx: YOPO(ctx, eps=EPS, inner_steps=2), [Control(2, 0.01)])
+    train_both(
+        inductor,
+        lambda ctx: YOPO(ctx, YOPOConfig(eps=EPS, inner_steps=2, lr_divisor=1)),
+        [Control(2, 0.01)],
+    )
     assert_same_params(inductor.eager, inductor.compiled, atol=1e-4)

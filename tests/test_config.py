@@ -10,6 +10,7 @@ from amata_runner.checks import as_float
 from amata_runner.cli import config_dir
 from amata_runner.cli.preflight import preflight
 from amata_runner.errors import ConfigError
+from amata_runner.methods.registry import method_spec
 from conftest import compose_raw, compose_resolved
 
 GROUPS = [
@@ -69,17 +70,17 @@ def test_paper_settings_compose() -> None:
     assert (mnist.method.steps, mnist.method.step_size, mnist.method.eps) == (40, 0.01, 0.3)
     assert mnist.schedule.name == "constant"
     cifar = compose_resolved(["dataset=cifar10", "model=preactresnet18", "method=amata"])
-    assert (cifar.schedule.k_min, cifar.schedule.k_max) == (2, 10)
+    assert (cifar.schedule.k_min, cifar.method.steps) == (2, 10)  # K_max is method.steps
     assert (cifar.optim.lr, list(cifar.optim.milestones), cifar.epochs) == (0.05, [75, 90], 100)
     # the same method under another schedule is the Appendix B.2 ablation
     exp = compose_resolved(["method=amata", "schedule=exponential", "schedule.eta=0.5"])
     assert (exp.method.name, exp.schedule.name, exp.schedule.eta) == ("amata", "exponential", 0.5)
     pgd_exp = compose_resolved(["method=pgd", "schedule=exponential"])
-    assert pgd_exp.schedule.k_max == pgd_exp.method.steps
+    assert method_spec("pgd").k_max(pgd_exp) == pgd_exp.method.steps
 
 
 BAD_OVERRIDES = [
-    (["schedule.k_min=12"], "schedule.k_min", "<= schedule.k_max"),
+    (["schedule.k_min=12"], "schedule.k_min", "<= 10 (method.steps)"),
     (["method.eps=0"], "method.eps", "> 0"),
     (["method.eps=-8/255"], "method.eps", "> 0"),
     (["method.eps=2"], "method.eps", "<= 1.0"),

@@ -29,6 +29,7 @@ from amata_runner.control.criterion_config import (
     CriterionConfig,
     check_criterion,
     control_grid,
+    normalise_criterion,
 )
 from amata_runner.data import ImageSet
 from amata_runner.errors import ConfigError
@@ -292,6 +293,14 @@ def base_cfg() -> DictConfig:
     return cfg
 
 
+def normalise_and_check(cfg: DictConfig) -> None:
+    """What resolve_config does to the node: fill and convert once, then check (reads only)."""
+    normalise_criterion(cfg)
+    before = OmegaConf.to_container(cfg)
+    check_criterion(cfg)
+    assert OmegaConf.to_container(cfg) == before  # the check wrote nothing
+
+
 def with_criterion(base: DictConfig, *overrides: str) -> DictConfig:
     cfg = copy.deepcopy(base)
     with open_dict(cfg):
@@ -321,27 +330,27 @@ def test_check_rejects_bad_values_naming_the_key(
     base_cfg: DictConfig, override: str, key: str
 ) -> None:
     with pytest.raises(ConfigError) as err:
-        check_criterion(with_criterion(base_cfg, override))
+        normalise_and_check(with_criterion(base_cfg, override))
     assert err.value.key == key
 
 
 def test_check_refuses_methods_without_a_pgd_control(base_cfg: DictConfig) -> None:
     cfg = with_criterion(base_cfg, "eval.criterion.enabled=true", "method.name=erm")
     with pytest.raises(ConfigError) as err:
-        check_criterion(cfg)
+        normalise_and_check(cfg)
     assert err.value.key == "eval.criterion.enabled"
-    check_criterion(with_criterion(base_cfg, "method.name=erm"))  # disabled: fine
+    normalise_and_check(with_criterion(base_cfg, "method.name=erm"))  # disabled: fine
 
 
 def test_check_fills_the_run_defaults_and_reads_fractions(base_cfg: DictConfig) -> None:
     cfg = with_criterion(base_cfg, "eval.criterion.step_sizes=[2/255,0.01]")
-    check_criterion(cfg)
+    normalise_and_check(cfg)
     node = cfg.eval.criterion
     assert node.eps == cfg.method.eps == 0.2  # digits' threat model, through the method
     assert node.tau == pytest.approx(0.05 * 10)  # dataset.threat.step_size * steps
     assert node.probe_batch_size == cfg.batch_size
     assert list(node.step_sizes) == [pytest.approx(2 / 255), 0.01]
-    check_criterion(cfg)  # idempotent: a resumed run resolves to the same config
+    normalise_and_check(cfg)  # idempotent: a resumed run resolves to the same config
 
 
 def test_control_grid_forms() -> None:

@@ -156,8 +156,8 @@ def test_cifar10_experiments_use_appendix_a2() -> None:
             if job.method.name in ("pgd", "amata"):
                 assert job.method.step_size == pytest.approx(2 / 255)
             if job.method.name == "amata":  # K 2 -> 10, tau = 20/255
-                assert (job.schedule.k_min, job.schedule.k_max) == (2, 10)
-                assert job.method.step_size * job.schedule.k_max == pytest.approx(20 / 255)
+                assert (job.schedule.k_min, job.method.steps) == (2, 10)  # K_max: method.steps
+                assert job.method.step_size * job.method.steps == pytest.approx(20 / 255)
     table2 = {job.report.row: job for job in jobs_of("paper_table2_cifar10")}
     assert (table2["pgd2"].method.steps, table2["pgd10"].method.steps) == (2, 10)
     assert list(table2["amata"].eval.final_attacks) == ["pgd20", "cw_l2"]
@@ -178,7 +178,7 @@ def test_mnist_experiments_use_appendix_a1() -> None:
     b2 = {job.report.row: job for job in jobs_of("paper_appendix_b2_mnist")}
     assert b2["linear"].schedule.name == "linear"
     assert (b2["exp_eta0.5"].schedule.name, b2["exp_eta0.5"].schedule.eta) == ("exponential", 0.5)
-    assert {(j.schedule.k_min, j.schedule.k_max) for j in b2.values()} == {(2, 5)}
+    assert {(j.schedule.k_min, j.method.steps) for j in b2.values()} == {(2, 5)}
 
 
 def test_table3_settings() -> None:
@@ -186,7 +186,7 @@ def test_table3_settings() -> None:
     caltech = {job.report.row: job for job in jobs_of("paper_table3_caltech256")}
     assert {(j.model.name, j.epochs) for j in caltech.values()} == {("resnet18", 21)}
     assert caltech["pgd"].method.steps == 20 and caltech["pgd"].schedule.name == "constant"
-    assert (caltech["amata"].schedule.k_min, caltech["amata"].schedule.k_max) == (10, 20)
+    assert (caltech["amata"].schedule.k_min, caltech["amata"].method.steps) == (10, 20)
     assert list(caltech["amata"].eval.final_attacks) == ["pgd5", "pgd20", "pgd100"]
     require_datasets("paper_table3_imagenet")
     imagenet = {job.report.row: job for job in jobs_of("paper_table3_imagenet")}

@@ -72,7 +72,7 @@ HOSTILE: list[tuple[str, str]] = [
     ("+bogus=1", "bogus"),
     ("method.unknown_knob=3", "method.unknown_knob"),
     # contradictory settings
-    ("schedule=linear schedule.k_min=12 schedule.k_max=10", "schedule.k_min"),
+    ("schedule=linear schedule.k_min=12 method.steps=10", "schedule.k_min"),
     ("optim.milestones=[90,75]", "optim.milestones"),
     ("dataset=synthetic dataset.mean=[0.5,0.5]", "dataset.mean"),
     ("model=resnet18 dataset=synthetic dataset.channels=3 dataset.std=[0,1,1]", "dataset.std"),

@@ -17,8 +17,9 @@ from amata_runner.data import Batch, DeviceLoader, ImageSet
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
-from amata_runner.methods import atta
-from amata_runner.methods.atta import ATTA
+from amata_runner.methods import build_method
+from amata_runner.methods.atta import ATTA, ATTAConfig
+from amata_runner.methods.registry import method_spec
 from conftest import FAST, compose_resolved, cpu_context
 
 SHAPE = (3, 8, 8)
@@ -44,7 +45,7 @@ def make_method(seed: int = 0, **kwargs: Any) -> ATTA:
         model, lr=0.5, num_train=N, image_shape=SHAPE, num_classes=10, iters_per_epoch=3, epochs=10
     )
     args: dict[str, Any] = {"eps": EPS, "steps": 2, "step_size": 0.04, "reset": 100, **kwargs}
-    return ATTA(ctx, **args)
+    return ATTA(ctx, ATTAConfig(**args))
 
 
 def clean_images(loader: DeviceLoader) -> torch.Tensor:
@@ -135,7 +136,7 @@ def test_reset_restarts_from_noise_or_zero() -> None:
 def reset_epochs(overrides: list[str], epochs: int) -> tuple[list[int], list[int]]:
     """(0-based epochs at whose start the stored perturbations were reset, the reset periods)."""
     cfg = compose_resolved(overrides)
-    method = atta.build(cfg.method, make_method().ctx)
+    method = build_method(cfg.method, make_method().ctx)
     schedule = build_schedule(cfg, epochs, 3)
     resets, periods = [], []
     for epoch in range(epochs):
@@ -164,7 +165,8 @@ def test_resets_follow_the_reference_rule_and_the_amata_schedule() -> None:
 def test_composition_schedule_drives_only_the_reset_period() -> None:
     plain = compose_resolved(["method=atta", "dataset.threat.steps=3"])
     assert (plain.method.steps, plain.method.reset) == (3, 10)
-    assert (plain.schedule.name, plain.schedule.k_min, plain.schedule.k_max) == ("constant", 10, 10)
+    k_max = method_spec(plain.method.name).k_max(plain)  # K_max: method.reset, ATTA's knob
+    assert (plain.schedule.name, plain.schedule.k_min, k_max) == ("constant", 10, 10)
     controls = build_schedule(plain, 15, 12).epoch_controls()
     assert {c.steps for c in controls} == {10}  # the reset period, not the attack's K = 3
 
@@ -176,7 +178,7 @@ def test_composition_schedule_drives_only_the_reset_period() -> None:
     )
     controls = build_schedule(amata, 38, 12).epoch_controls()
     assert [c.steps for c in controls] == [2] * 5 + [8] * 33
-    method = atta.build(amata.method, make_method().ctx)
+    method = build_method(amata.method, make_method().ctx)
     for control in (controls[0], controls[-1]):  # the attack's K and alpha never move
         knobs = method.knobs(control)
         assert (knobs["K"], knobs["alpha"]) == (amata.method.steps, amata.method.step_size)

@@ -17,7 +17,7 @@ from amata_runner.engine import Trainer
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
-from amata_runner.methods.fast import Fast, fgsm_delta
+from amata_runner.methods.fast import Fast, FastConfig, fgsm_delta
 from conftest import FAST, compose_resolved, cpu_context
 
 N_DIGITS = 1238  # digits training examples (1438 less 200 validation); batch 128 -> 10 per epoch
@@ -47,7 +47,9 @@ def robust_linear() -> nn.Module:
 
 
 def fast(model: nn.Module, **kw: object) -> Fast:
-    return Fast(context(model), eps=EPS, step_size=1.25 * EPS, **kw)  # type: ignore[arg-type]
+    settings: dict[str, object] = {"early_stop_step_size": 2 / 255, **kw}
+    config = FastConfig(eps=EPS, step_size=1.25 * EPS, **settings)  # type: ignore[arg-type]
+    return Fast(context(model), config)
 
 
 def batch(b: int = 256) -> Batch:
@@ -225,7 +227,7 @@ def test_amata_fast_end_to_end(tmp_path: Path) -> None:
 
 def test_the_validation_check_leaves_batchnorm_statistics_untouched() -> None:
     """Held-out images judge the model; they must not update its running statistics."""
-    from amata_runner.methods.fast import Fast
+    from amata_runner.methods.fast import Fast, FastConfig
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -239,7 +241,16 @@ def test_the_validation_check_leaves_batchnorm_statistics_untouched() -> None:
         torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8),
         torch.randint(0, 2, (8,)),
     )
-    fast = Fast(ctx, eps=0.1, step_size=0.125, attack_bn="train", early_stop=True)
+    fast = Fast(
+        ctx,
+        FastConfig(
+            eps=0.1,
+            step_size=0.125,
+            attack_bn="train",
+            early_stop=True,
+            early_stop_step_size=2 / 255,
+        ),
+    )
     fast._in_epoch = True
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast.stop_requested()

@@ -17,7 +17,7 @@ from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
-from amata_runner.methods.fat import FAT, FATRule, tau_at
+from amata_runner.methods.fat import FAT, FATConfig, FATRule, tau_at
 from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, compose_resolved, cpu_context
 
@@ -88,13 +88,15 @@ def test_method_reports_the_steps_taken_and_counts_full_batch_passes() -> None:
     counter = PassCounter()
     method = FAT(
         make_ctx(threshold_model(), counter),
-        eps=0.5,
-        steps=4,
-        step_size=ALPHA,
-        random_start=False,
-        omega=0.0,
-        dynamic_tau=False,
-        tau=1,
+        FATConfig(
+            eps=0.5,
+            steps=4,
+            step_size=ALPHA,
+            random_start=False,
+            omega=0.0,
+            dynamic_tau=False,
+            tau=1,
+        ),
     )
     method.start_epoch(0, None)
     assert method.knobs(None) == {"K": 4, "alpha": ALPHA, "tau": 1}
@@ -104,7 +106,7 @@ def test_method_reports_the_steps_taken_and_counts_full_batch_passes() -> None:
     buffer = io.BytesIO()
     torch.save(method.state_dict(), buffer)
     buffer.seek(0)
-    fresh = FAT(make_ctx(threshold_model()), eps=0.5, steps=4, step_size=ALPHA)
+    fresh = FAT(make_ctx(threshold_model()), FATConfig(eps=0.5, steps=4, step_size=ALPHA))
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     rows = method.metrics()
     assert fresh.metrics() == rows
@@ -120,7 +122,8 @@ def test_tau_schedule_matches_the_reference() -> None:
         assert tau_at(epoch, dynamic=False, tau=3) == reference_adjust_tau(epoch + 1, False, 3)
     assert [tau_at(e) for e in (0, 49, 50, 89, 90, 119)] == [0, 0, 1, 1, 2, 2]
     method = FAT(
-        make_ctx(threshold_model()), eps=0.1, steps=2, step_size=0.05, tau_milestones=[2, 4]
+        make_ctx(threshold_model()),
+        FATConfig(eps=0.1, steps=2, step_size=0.05, tau_milestones=[2, 4]),
     )
     seen = []
     for epoch in range(6):
@@ -129,7 +132,8 @@ def test_tau_schedule_matches_the_reference() -> None:
     assert seen == [0, 0, 1, 1, 2, 2]
     # the reference's type=bool flags could not be switched off; here they can
     fixed = FAT(
-        make_ctx(threshold_model()), eps=0.1, steps=2, step_size=0.05, dynamic_tau=False, tau=2
+        make_ctx(threshold_model()),
+        FATConfig(eps=0.1, steps=2, step_size=0.05, dynamic_tau=False, tau=2),
     )
     fixed.start_epoch(100, None)
     assert fixed.knobs(None)["tau"] == 2

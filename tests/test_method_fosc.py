@@ -19,7 +19,7 @@ from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import StepOutput, TrainContext
-from amata_runner.methods.fosc import FOSC, FOSCRule, criterion_at, fosc_linf
+from amata_runner.methods.fosc import FOSC, FOSCConfig, FOSCRule, criterion_at, fosc_linf
 from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, compose_resolved, cpu_context
 
@@ -164,7 +164,8 @@ def test_criterion_falls_linearly_to_zero_over_the_configured_epochs() -> None:
     assert steps == pytest.approx([0.005] * 100)  # linear, reaching 0 at epoch 100
     assert values[100:] == [0.0] * 20  # then full PGD-K
     method = FOSC(
-        make_ctx(small_net()), eps=0.1, steps=2, step_size=0.025, c_max=0.4, dynamic_epochs=4
+        make_ctx(small_net()),
+        FOSCConfig(eps=0.1, steps=2, step_size=0.025, c_max=0.4, dynamic_epochs=4),
     )
     seen = []
     for epoch in range(6):
@@ -177,7 +178,7 @@ def test_criterion_falls_linearly_to_zero_over_the_configured_epochs() -> None:
 def test_passes_metrics_and_state_round_trip() -> None:
     counter = PassCounter()
     ctx = make_ctx(small_net(), counter)
-    method = FOSC(ctx, eps=0.2, steps=3, step_size=0.05, c_max=0.05)
+    method = FOSC(ctx, FOSCConfig(eps=0.2, steps=3, step_size=0.05, c_max=0.05))
     x, y = torch.rand(20, 1, 8, 8), torch.randint(0, 3, (20,))
     out = method.train_batch(Batch(x, y, torch.arange(20)), None)
     assert out.loss_sum.shape == () and 0 <= out.correct.item() <= 20
@@ -186,7 +187,7 @@ def test_passes_metrics_and_state_round_trip() -> None:
     buffer = io.BytesIO()
     torch.save(method.state_dict(), buffer)
     buffer.seek(0)
-    fresh = FOSC(make_ctx(small_net()), eps=0.2, steps=3, step_size=0.05)
+    fresh = FOSC(make_ctx(small_net()), FOSCConfig(eps=0.2, steps=3, step_size=0.05))
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     rows = method.metrics()
     assert fresh.metrics() == rows
@@ -196,10 +197,12 @@ def test_passes_metrics_and_state_round_trip() -> None:
     c2 = PassCounter()
     no_final = FOSC(
         make_ctx(small_net(), c2),
-        eps=0.2,
-        steps=3,
-        step_size=0.05,
-        final_fosc=False,
+        FOSCConfig(
+            eps=0.2,
+            steps=3,
+            step_size=0.05,
+            final_fosc=False,
+        ),
     )
     no_final.train_batch(Batch(x, y, torch.arange(20)), None)
     assert (c2.forward, c2.backward) == (20 * 4, 20 * 4)
@@ -212,12 +215,14 @@ def test_loss_weighting_quirk_weights_by_the_attack_mode_loss_from_the_second_ep
     counter = PassCounter()
     method = FOSC(
         make_ctx(small_net(), counter),
-        eps=0.2,
-        steps=2,
-        step_size=0.1,
-        c_max=0.0,
-        loss_weighting=True,
-        final_fosc=final_fosc,
+        FOSCConfig(
+            eps=0.2,
+            steps=2,
+            step_size=0.1,
+            c_max=0.0,
+            loss_weighting=True,
+            final_fosc=final_fosc,
+        ),
     )
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     original = method._weighted_update
@@ -243,7 +248,7 @@ def test_loss_weighting_quirk_weights_by_the_attack_mode_loss_from_the_second_ep
 
 def test_weighted_update_minimises_the_weighted_mean() -> None:
     model = small_net()
-    method = FOSC(make_ctx(model), eps=0.2, steps=1, step_size=0.1)
+    method = FOSC(make_ctx(model), FOSCConfig(eps=0.2, steps=1, step_size=0.1))
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 3, (6,))
     weights = torch.rand(6)
     reference = small_net()

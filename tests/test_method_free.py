@@ -17,7 +17,7 @@ from amata_runner.engine import Trainer
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
 from amata_runner.methods.base import TrainContext
-from amata_runner.methods.free import Free
+from amata_runner.methods.free import Free, FreeConfig
 from conftest import FAST, compose_resolved, cpu_context
 
 N_DIGITS = 1238  # digits training examples (1438 less 200 validation); batch 128 -> 10 per epoch
@@ -53,7 +53,7 @@ def test_free_makes_m_parameter_updates_per_batch(m: int) -> None:
     ctx = context(signed_linear(), lr=0.1)
     steps: list[int] = []
     ctx.optimizer.register_step_post_hook(lambda *_: steps.append(1))
-    method = Free(ctx, eps=EPS, replays=m)
+    method = Free(ctx, FreeConfig(eps=EPS, steps=m))
     before = ctx.model[1].weight.detach().clone()
     method.train_batch(batch(8, 0), Control(steps=m, step_size=EPS))
     assert len(steps) == m
@@ -68,7 +68,7 @@ def test_perturbation_is_carried_across_replays_and_batches() -> None:
     # lr 0 keeps the weights, so every input gradient has the known sign -s.
     model = signed_linear()
     ctx = context(model)
-    method = Free(ctx, eps=EPS, replays=2)
+    method = Free(ctx, FreeConfig(eps=EPS, steps=2))
     seen = record_inputs(model)
     alpha = 0.04
     s = torch.tensor([1.0, -1.0]).repeat(8).reshape(1, 1, 4, 4)
@@ -90,7 +90,7 @@ def test_perturbation_is_carried_across_replays_and_batches() -> None:
 
 def test_a_smaller_batch_uses_and_updates_only_the_first_rows() -> None:
     ctx = context(signed_linear(), lr=0.05)
-    method = Free(ctx, eps=EPS, replays=1)
+    method = Free(ctx, FreeConfig(eps=EPS, steps=1))
     method.train_batch(batch(4, 0), Control(steps=1, step_size=0.03))
     before = method.delta.clone()
     method.train_batch(batch(2, 1), Control(steps=1, step_size=0.03))
@@ -102,19 +102,19 @@ def test_a_smaller_batch_uses_and_updates_only_the_first_rows() -> None:
 
 def test_clamp_delta_to_image_keeps_the_state_in_range() -> None:
     ctx = context(signed_linear())
-    method = Free(ctx, eps=0.3, replays=1, clamp_delta_to_image=True)
+    method = Free(ctx, FreeConfig(eps=0.3, steps=1, clamp_delta_to_image=True))
     b = Batch(torch.full((2, 1, 4, 4), 0.05), torch.zeros(2, dtype=torch.long), torch.arange(2))
     method.train_batch(b, Control(steps=1, step_size=0.3))
     assert (b.x + method.delta).min() >= 0.0
-    plain = Free(context(signed_linear()), eps=0.3, replays=1)
+    plain = Free(context(signed_linear()), FreeConfig(eps=0.3, steps=1))
     plain.train_batch(b, Control(steps=1, step_size=0.3))
     assert (b.x + plain.delta).min() < 0.0  # only the eps-ball, as the paper's PyTorch code
 
 
 def test_epochs_are_divided_by_m() -> None:
-    free = Free(context(signed_linear()), eps=EPS, replays=4)
+    free = Free(context(signed_linear()), FreeConfig(eps=EPS, steps=4))
     assert [free.epochs(e) for e in (1, 2, 4, 10, 22, 90)] == [1, 1, 1, 3, 6, 23]
-    fixed = Free(context(signed_linear()), eps=EPS, replays=4, divide_epochs=False)
+    fixed = Free(context(signed_linear()), FreeConfig(eps=EPS, steps=4, divide_epochs=False))
     assert fixed.epochs(22) == 22
 
 
@@ -163,8 +163,8 @@ def test_amata_free_end_to_end(tmp_path: Path) -> None:
 
 
 def test_carried_perturbation_survives_a_checkpoint() -> None:
-    method = Free(context(signed_linear(), lr=0.05), eps=EPS, replays=2)
+    method = Free(context(signed_linear(), lr=0.05), FreeConfig(eps=EPS, steps=2))
     method.train_batch(batch(4, 0), Control(steps=2, step_size=0.03))
-    resumed = Free(context(signed_linear(), lr=0.05), eps=EPS, replays=2)
+    resumed = Free(context(signed_linear(), lr=0.05), FreeConfig(eps=EPS, steps=2))
     resumed.load_state_dict(method.state_dict())
     assert torch.equal(resumed.delta, method.delta)

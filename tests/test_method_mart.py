@@ -17,7 +17,12 @@ from amata_runner.data.loader import Batch
 from amata_runner.engine import Trainer
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
-from amata_runner.methods.mart import MART, boosted_cross_entropy, misclassification_weights
+from amata_runner.methods.mart import (
+    MART,
+    MartConfig,
+    boosted_cross_entropy,
+    misclassification_weights,
+)
 from amata_runner.runtime.passes import PassCounter
 from conftest import FAST, bn_net, compose_resolved, cpu_context
 
@@ -29,7 +34,7 @@ N_DIGITS = 1238  # digits training examples (1438 less 200 validation)
 
 def mart(model: nn.Module, beta: float = 6.0, counter: PassCounter | None = None) -> MART:
     ctx = cpu_context(model, counter=counter, image_shape=SHAPE, num_classes=3)
-    return MART(ctx, eps=EPS, beta=beta)
+    return MART(ctx, MartConfig(eps=EPS, beta=beta))
 
 
 def batch(n: int = 16, seed: int = 1) -> Batch:
@@ -63,7 +68,7 @@ def test_kl_term_is_the_weighted_batch_mean_of_per_example_kl() -> None:
     kl = (p * (p.log() - q.log())).sum(1)
     expected = (kl * (1 - p[torch.arange(len(y)), y])).mean()
     with_beta = method.loss(logits, logits_adv, y)
-    method.beta = 0.0
+    method.cfg.beta = 0.0
     without = method.loss(logits, logits_adv, y)
     torch.testing.assert_close((with_beta - without) / 6.0, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(without, boosted_cross_entropy(logits_adv, y))

@@ -18,7 +18,7 @@ from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods import build_method
-from amata_runner.methods.trades import TRADES, kl_sum
+from amata_runner.methods.trades import TRADES, TradesConfig, kl_sum
 from amata_runner.models import WideResNet, build_model
 from amata_runner.models.wide_resnet import WideBlock
 from amata_runner.runtime.passes import PassCounter
@@ -32,7 +32,7 @@ N_DIGITS = 1238  # digits training examples (1438 less 200 validation)
 
 def trades(model: nn.Module, beta: float = 6.0, lr: float = 0.1) -> TRADES:
     ctx = cpu_context(model, lr=lr, image_shape=SHAPE, num_classes=3)
-    return TRADES(ctx, eps=EPS, beta=beta)
+    return TRADES(ctx, TradesConfig(eps=EPS, beta=beta))
 
 
 def batch(n: int = 16, seed: int = 1) -> Batch:
@@ -113,7 +113,7 @@ def test_update_gradient_flows_through_the_clean_target_as_in_the_reference() ->
     model.train()
     logits = model(b.x)
     logits_adv = model(b.x + 0.05)
-    loss = method.beta * kl_sum(logits_adv, F.softmax(logits, 1)) / b.y.shape[0]
+    loss = method.cfg.beta * kl_sum(logits_adv, F.softmax(logits, 1)) / b.y.shape[0]
     (grad_clean,) = torch.autograd.grad(loss, logits)
     assert grad_clean.abs().sum() > 0
 
@@ -123,7 +123,7 @@ def test_a_step_counts_k_plus_3_forwards_and_k_plus_2_backwards() -> None:
     counter = PassCounter()
     model = bn_net()
     ctx = cpu_context(model, counter=counter, image_shape=SHAPE, num_classes=3)
-    method, b = TRADES(ctx, eps=EPS, beta=6.0), batch(n=16)
+    method, b = TRADES(ctx, TradesConfig(eps=EPS, beta=6.0)), batch(n=16)
     method.train_batch(b, CONTROL)
     k = CONTROL.steps
     assert (counter.forward, counter.backward) == (16 * (k + 3), 16 * (k + 2))
@@ -132,7 +132,7 @@ def test_a_step_counts_k_plus_3_forwards_and_k_plus_2_backwards() -> None:
 def test_counted_forwards_match_the_forwards_the_model_really_runs() -> None:
     model, counter = bn_net(), PassCounter()
     ctx = cpu_context(model, counter=counter, image_shape=SHAPE, num_classes=3)
-    method, b = TRADES(ctx, eps=EPS, beta=6.0), batch(n=16)
+    method, b = TRADES(ctx, TradesConfig(eps=EPS, beta=6.0)), batch(n=16)
     calls: list[int] = []
     model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     method.train_batch(b, CONTROL)

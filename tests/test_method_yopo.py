@@ -20,7 +20,7 @@ from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
 from amata_runner.logging.metrics import read_rows
 from amata_runner.methods.base import TrainContext
-from amata_runner.methods.yopo import YOPO
+from amata_runner.methods.yopo import YOPO, YOPOConfig
 from amata_runner.models import build_model
 from amata_runner.runtime.checkpoint import load_checkpoint
 from conftest import FAST, amata_run, compose_resolved, cpu_context
@@ -117,10 +117,12 @@ def test_update_matches_the_hamiltonian_by_hand(
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
     method = YOPO(
         context(net, optimizer),
-        eps=eps,
-        inner_steps=n,
-        layer_one_ce=layer_one_ce,
-        lr_divisor=divisor,
+        YOPOConfig(
+            eps=eps,
+            inner_steps=n,
+            layer_one_ce=layer_one_ce,
+            lr_divisor=divisor,
+        ),
     )
 
     torch.manual_seed(1)
@@ -144,7 +146,7 @@ def test_layer_one_gets_no_ce_gradient_by_default() -> None:
         net.rest.weight.zero_()  # dL/dz = g_logits W2 = 0, but W2, b2 still get CE gradients
     w1 = net.layer_one[1].weight.detach().clone()
     b2 = net.rest.bias.detach().clone()
-    method = YOPO(context(net), eps=0.1, inner_steps=2)
+    method = YOPO(context(net), YOPOConfig(eps=0.1, inner_steps=2, lr_divisor=1))
     x, y = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])
     method.train_batch(batch_of(x, y), Control(steps=2, step_size=0.05))
     assert torch.equal(net.layer_one[1].weight, w1)
@@ -161,10 +163,12 @@ def test_separate_layer_one_optimiser_matches_the_shared_one_until_a_milestone()
         opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
         method = YOPO(
             context(net, opt),
-            eps=0.1,
-            inner_steps=2,
-            lr_divisor=2.0,
-            layer_one_milestones=milestones,
+            YOPOConfig(
+                eps=0.1,
+                inner_steps=2,
+                lr_divisor=2.0,
+                layer_one_milestones=milestones,
+            ),
         )
         x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
         for epoch in range(epochs):
@@ -205,7 +209,10 @@ def test_separate_layer_one_optimiser_matches_the_shared_one_until_a_milestone()
 def lenet_method(**kwargs: Any) -> tuple[nn.Module, YOPO]:
     torch.manual_seed(0)
     model = build_model("lenet", num_classes=10, channels=1, image_size=28, mean=[0.2], std=[0.3])
-    return model, YOPO(context(model, torch.optim.SGD(model.parameters(), lr=0.01)), **kwargs)
+    settings: dict[str, Any] = {"lr_divisor": 1, **kwargs}
+    return model, YOPO(
+        context(model, torch.optim.SGD(model.parameters(), lr=0.01)), YOPOConfig(**settings)
+    )
 
 
 def test_pass_counts_match_m_and_n_and_the_calls_made() -> None:
@@ -265,7 +272,7 @@ def test_every_input_stays_in_the_eps_ball_and_in_0_1(clip_start: bool) -> None:
 def test_amata_yopo_anneals_k_from_2_to_5_with_k_sigma_tau() -> None:
     """Section 3.2: K rises (2 -> 5) and sigma falls, K * sigma = tau = 5 * method.step_size."""
     cfg = compose_resolved(["method=amata_yopo", "dataset=mnist"])
-    assert (cfg.schedule.name, cfg.schedule.k_min, cfg.schedule.k_max) == ("linear", 2, 5)
+    assert (cfg.schedule.name, cfg.schedule.k_min, cfg.method.steps) == ("linear", 2, 5)
     assert (cfg.method.inner_steps, cfg.method.step_size, cfg.method.lr_divisor) == (10, 0.01, 5)
     controls = build_schedule(cfg, 40, 235).epoch_controls()
     ks = [c.steps for c in controls]

@@ -33,7 +33,7 @@ from amata_runner.data import (
 from amata_runner.data.validation import stratified_indices, validation_count
 from amata_runner.engine import Trainer
 from amata_runner.errors import ConfigError
-from amata_runner.methods.fast import Fast
+from amata_runner.methods.fast import Fast, FastConfig
 from amata_runner.runtime.run_files import load_trained
 from conftest import compose_resolved, cpu_context
 from test_data_folders import dataset_cfg, write_caltech
@@ -311,7 +311,9 @@ def test_fast_checks_on_the_validation_batch_never_a_training_batch() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
     held = (torch.full((6, 1, 4, 4), 51, dtype=torch.uint8), torch.zeros(6, dtype=torch.int64))
     ctx = dataclasses.replace(cpu_context(model), validation_batch=held)
-    fast = Fast(ctx, eps=0.1, step_size=0.125, early_stop=True)
+    fast = Fast(
+        ctx, FastConfig(eps=0.1, step_size=0.125, early_stop=True, early_stop_step_size=2 / 255)
+    )
     checked: list[torch.Tensor] = []
 
     def record(x: torch.Tensor, y: torch.Tensor) -> float:

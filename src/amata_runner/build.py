@@ -33,6 +33,7 @@ from amata_runner.data import (
 from amata_runner.errors import ConfigError
 from amata_runner.evaluation import AttackSpec
 from amata_runner.methods import Method, TrainContext, build_method
+from amata_runner.methods.registry import method_spec
 from amata_runner.runtime.device import configure_backend, seed_everything, select_device
 from amata_runner.runtime.distributed import Dist, from_env, init_process_group
 from amata_runner.runtime.nonfinite import GuardedSGD
@@ -255,7 +256,7 @@ def build_schedule(cfg: DictConfig, epochs: int, iters_per_epoch: int) -> Schedu
         switch=float(s.switch),
         name=s.name,
         k_min=int(s.k_min),
-        k_max=int(s.k_max),
+        k_max=method_spec(cfg.method.name).k_max(cfg),
         step_size=float(cfg.method.step_size),
         epochs=epochs,
         iters_per_epoch=iters_per_epoch,

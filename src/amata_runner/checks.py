@@ -1,7 +1,7 @@
 """Small validators shared by the config checks: each raises a one-line ConfigError.
 
-They read and write a resolved ``DictConfig`` by dotted key, so the error names the key exactly
-as the user would type it on the command line.
+They read a resolved ``DictConfig`` by dotted key (never write it), so the error names the key
+exactly as the user would type it on the command line.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ def one_of(cfg: DictConfig, key: str, options: tuple[str, ...]) -> None:
 
 
 def positive_budget(cfg: DictConfig, key: str, upper: float | None = None) -> None:
-    """Check a budget (eps, step size, tau) and store it back as a float, fractions resolved."""
+    """A budget (eps, step size, tau) is a finite number > 0 (and <= ``upper``).  Reads only:
+    ``config/normalise.py`` has already turned fractions such as 8/255 into floats."""
     value = as_float(key, OmegaConf.select(cfg, key))
     require(math.isfinite(value) and value > 0, key, value, "must be a finite number > 0")
     if upper is not None:
         require(value <= upper, key, value, f"must be <= {upper} (pixel units, data in [0,1])")
-    OmegaConf.update(cfg, key, value)
 
 
 def finite(cfg: DictConfig, key: str) -> None:

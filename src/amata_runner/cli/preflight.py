@@ -4,18 +4,18 @@ Hydra creates the run directory before the task function runs, and reports compo
 (an unknown option, a wrong type) over several lines.  Doing the composition here first lets every
 mistake surface as one :class:`ConfigError` line and keeps outputs/ clean.  Command lines that only
 inspect (``--help``, ``--cfg``, ``--info``) or change where configs come from are left to Hydra.
+Only Hydra's public API is used: the override parser, and each sweep's ``sweep_string_iterator``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from amata_runner.cli.options import did_you_mean, type_message
-from amata_runner.config import resolve_config
+from amata_runner.config import MOVED_KEYS, resolve_config
 from amata_runner.data import check_available
 from amata_runner.errors import ConfigError
 
@@ -58,18 +58,38 @@ def describe_options(group: str, conf_dir: str | None = None) -> str:
 
 OmegaConf.register_new_resolver("amata_options", describe_options, replace=True)
 
-_INSPECT_FLAGS = (
-    "help",
-    "hydra_help",
-    "version",
-    "cfg",
-    "info",
-    "shell_completion",
-    "config_path",
-    "config_dir",
-    "config_name",
-    "experimental_rerun",
-)
+# The flags this check understands; any other flag (--help, --cfg, --info, --config-dir, ...)
+# inspects or changes where configs come from, and the command line is left to Hydra.
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+_RUN_FLAGS = ("-r", "--run")
+
+
+def _split_argv(argv: list[str]) -> tuple[bool, list[str]] | None:
+    """(multirun?, overrides), or None when a flag asks Hydra for something else."""
+    multirun, overrides = False, []
+    for token in argv:
+        if token in _MULTIRUN_FLAGS:
+            multirun = True
+        elif token in _RUN_FLAGS:
+            continue
+        elif token.startswith("-"):
+            return None
+        else:
+            overrides.append(token)
+    return multirun, overrides
+
+
+def _grid(parsed: list[Override]) -> list[list[str]]:
+    """Every job of a sweep, as Hydra's basic sweeper forms them: the product of the sweeps'
+    values in command-line order, the fixed overrides in every job."""
+    axes = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line]
+        for o in parsed
+        if o.input_line
+    ]
+    return [list(job) for job in itertools.product(*axes)]
 
 
 def experiment_grid(conf_dir: str, parsed: list[Override]) -> list[str]:
@@ -87,26 +107,25 @@ def experiment_grid(conf_dir: str, parsed: list[Override]) -> list[str]:
 
 def job_overrides(argv: list[str], conf_dir: str | None = None) -> list[list[str]] | None:
     """The override list of every job the command line would run, or None to leave it to Hydra."""
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit:  # argparse already printed its usage error; Hydra will repeat it
+    split = _split_argv(argv)
+    if split is None:
         return None
-    if any(getattr(args, flag, None) for flag in _INSPECT_FLAGS):
-        return None
+    multirun, overrides = split
     try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        raise ConfigError("override", " ".join(args.overrides), _first_line(exc)) from exc
-    if args.multirun:
+        raise ConfigError("override", " ".join(overrides), _first_line(exc)) from exc
+    if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
+        return None  # an interval sweep is for other sweepers (Optuna): Hydra says so
+    if multirun:
         if conf_dir is not None:
             grid = experiment_grid(conf_dir, parsed)
             if grid:
-                lines = grid + list(args.overrides)
-                parsed = OverridesParser.create().parse_overrides(lines)
-        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+                parsed = OverridesParser.create().parse_overrides(grid + overrides)
+        return _grid(parsed)
     if any(o.is_sweep_override() for o in parsed):
         return None  # Hydra explains that sweeps need -m
-    return [list(args.overrides)]
+    return [overrides]
 
 
 def check_job(conf_dir: str, overrides: list[str]) -> None:
@@ -214,6 +233,8 @@ def _unknown_key(error: ConfigError, overrides: list[str]) -> ConfigError:
     Called inside check_job's config context: the config is composed again without the override
     that names the unknown key, and its siblings are the candidates."""
     key = str(error.key)
+    if key in MOVED_KEYS:
+        return ConfigError(key, error.value, f"unknown key; {MOVED_KEYS[key]}")
     rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
     try:
         cfg = compose(config_name="config", overrides=rest)

@@ -39,7 +39,11 @@ from amata_runner.runtime.run_dir import (
 
 HYDRA_SUBDIR = ".hydra"
 
-register_schemas()
+try:  # at import: Hydra's launchers unpickle _task in fresh worker processes, which compose too
+    register_schemas()
+except ConfigError as _exc:  # a plugin named in AMATA_RUNNER_PLUGINS that cannot be imported
+    print(f"amata-run: error: {_exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _record(run_dir: Path, status: str, error: str | None = None, *, quiet: bool = False) -> None:

@@ -42,6 +42,7 @@ from amata_runner.config import ADAPTIVE_MODES, ADAPTIVE_RULES
 from amata_runner.control.criterion import h_values, make_probes
 from amata_runner.control.criterion_config import InnerControl
 from amata_runner.control.schedules import Control
+from amata_runner.methods.registry import method_spec
 from amata_runner.runtime.passes import PassCounter
 
 
@@ -253,8 +254,8 @@ def build_adaptive(
     lets the rule raise it; a number starts there, and no smaller K is ever a candidate.
     """
     s = cfg.schedule
-    k_max = int(s.k_max)
-    tau = float(cfg.method.step_size) * k_max if s.tau is None else float(s.tau)
+    spec = method_spec(cfg.method.name)
+    k_max, tau = spec.k_max(cfg), spec.tau(cfg)
     k_min = 1 if s.k_min == "auto" else int(s.k_min)
     candidates = list(s.candidates) if s.candidates else list(range(k_min, k_max + 1))
     eps = float(cfg.method.get("eps", cfg.dataset.threat.eps))

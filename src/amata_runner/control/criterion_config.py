@@ -37,7 +37,7 @@ NODE = "eval.criterion"
 class CriterionConfig:
     """``eval.criterion``: when and how C is measured during a run (off the train clock).
 
-    ``eps``, ``tau`` and ``probe_batch_size`` left null are filled in by :func:`check_criterion`
+    ``eps``, ``tau`` and ``probe_batch_size`` left null are filled in by :func:`normalise_criterion`
     (the run's eps, the threat model's K*alpha budget, the run's batch size) so the saved config
     records the values used.
     """
@@ -106,8 +106,38 @@ def _budget(key: str, value: Any) -> float:
     return number
 
 
+def normalise_criterion(cfg: DictConfig) -> None:
+    """Fill ``eval.criterion``'s null defaults and turn its budgets into floats, in place.
+
+    eps: the run's ``method.eps`` (else the threat model's); tau: the threat model's K * alpha;
+    probe_batch_size: the run's batch size.  Values that cannot be read as numbers raise here; the
+    ranges are :func:`check_criterion`'s.
+    """
+    node = OmegaConf.select(cfg, NODE)
+    if node is None:
+        return
+    if OmegaConf.is_list(node.step_sizes) and len(node.step_sizes) > 0:
+        floats = [_budget(f"{NODE}.step_sizes", a) for a in node.step_sizes]
+        OmegaConf.update(cfg, f"{NODE}.step_sizes", floats)
+    if node.tau is None:
+        threat = cfg.dataset.threat
+        tau = as_float("dataset.threat.step_size", threat.step_size) * int(threat.steps)
+        OmegaConf.update(cfg, f"{NODE}.tau", tau)
+    else:
+        OmegaConf.update(cfg, f"{NODE}.tau", as_float(f"{NODE}.tau", node.tau))
+    if node.pairs is not None:
+        OmegaConf.update(cfg, f"{NODE}.pairs", _pairs(node.pairs))
+    eps = node.eps
+    if eps is None:
+        eps = OmegaConf.select(cfg, "method.eps", default=None)
+        eps = cfg.dataset.threat.eps if eps is None else eps
+    OmegaConf.update(cfg, f"{NODE}.eps", as_float(f"{NODE}.eps", eps))
+    if node.probe_batch_size is None:
+        OmegaConf.update(cfg, f"{NODE}.probe_batch_size", int(cfg.batch_size))
+
+
 def check_criterion(cfg: DictConfig) -> None:
-    """Validate ``eval.criterion`` of a resolved run config in place (fills the null defaults).
+    """Validate ``eval.criterion`` of a normalised run config (reads only).
 
     Raises :class:`ConfigError` naming ``eval.criterion.<key>``. A config without the node (a
     checkpoint from before it existed) passes unchanged.
@@ -124,8 +154,7 @@ def check_criterion(cfg: DictConfig) -> None:
         gamma,
         "must be a number >= 0 (the paper's Table 1 uses 0.04)",
     )
-    steps = _int_list(cfg, f"{NODE}.steps", node.steps)
-    OmegaConf.update(cfg, f"{NODE}.steps", steps)
+    _int_list(cfg, f"{NODE}.steps", node.steps)
     if node.step_sizes is not None:
         sizes = node.step_sizes
         require(
@@ -134,20 +163,7 @@ def check_criterion(cfg: DictConfig) -> None:
             sizes,
             "null (alpha = tau / K) or a non-empty list of step sizes, e.g. [0.01, 2/255]",
         )
-        floats = [_budget(f"{NODE}.step_sizes", a) for a in sizes]
-        OmegaConf.update(cfg, f"{NODE}.step_sizes", floats)
-    if node.tau is None:
-        threat = cfg.dataset.threat
-        tau = as_float("dataset.threat.step_size", threat.step_size) * int(threat.steps)
-        OmegaConf.update(cfg, f"{NODE}.tau", tau)
-    else:
-        positive_budget(cfg, f"{NODE}.tau")
-    if node.pairs is not None:
-        OmegaConf.update(cfg, f"{NODE}.pairs", _pairs(node.pairs))
-    if node.eps is None:
-        eps = OmegaConf.select(cfg, "method.eps", default=None)
-        eps = cfg.dataset.threat.eps if eps is None else eps
-        OmegaConf.update(cfg, f"{NODE}.eps", as_float(f"{NODE}.eps", eps))
+    positive_budget(cfg, f"{NODE}.tau")
     positive_budget(cfg, f"{NODE}.eps", upper=1.0)
     require(
         isinstance(node.random_start, bool),
@@ -158,8 +174,6 @@ def check_criterion(cfg: DictConfig) -> None:
     one_of(cfg, f"{NODE}.search", SEARCHES)
     at_least(cfg, f"{NODE}.trials", 1)
     at_least(cfg, f"{NODE}.probe_batches", 1)
-    if node.probe_batch_size is None:
-        OmegaConf.update(cfg, f"{NODE}.probe_batch_size", int(cfg.batch_size))
     at_least(cfg, f"{NODE}.probe_batch_size", 1)
     if not node.enabled:
         return

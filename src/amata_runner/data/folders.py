@@ -36,6 +36,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.functional import pil_to_tensor
 
+from amata_runner.config.names import FOLDER_DATASETS
 from amata_runner.errors import ConfigError
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "train_transform",
 ]
 
-FOLDER_DATASETS = ("caltech256", "imagenet")
 # none: the evaluation view (resize + center crop); crop_flip: resize + random crop + flip (the
 # Caltech256 reference); random_resized_crop: random-resized crop + flip (the ImageNet standard).
 FOLDER_AUGMENTS = ("none", "crop_flip", "random_resized_crop")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from amata_runner.config.names import DATASETS
 from amata_runner.data.datasets import (
     ImageSet,
     load_cifar10,
@@ -56,7 +57,7 @@ __all__ = [
 TrainData = ImageSet | ImageFiles
 TestData = ImageSet | EvalImages
 
-DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", *FOLDER_DATASETS)
+DATASET_NAMES = DATASETS  # the one list, in config/names.py (checked before torch loads)
 
 # Files torchvision needs on disk for each downloadable dataset, relative to dataset.root.
 _REQUIRED_FILES: dict[str, tuple[str, ...]] = {

@@ -18,9 +18,9 @@ from it are as strong as many from scratch.
 
 Choices, and why:
 - **Knobs.** K = ``method.steps`` (ATTA-K) and alpha = ``method.step_size`` drive the attack; the
-  schedule's control drives only the reset period R (``control.steps``; ``conf/method/atta.yaml``
-  sets ``schedule.k_max = method.reset``, so a constant schedule is the plain reference and
-  ``method=amata_atta``'s step schedule gives R = 2 in the first five epochs, Section 3.2).  The
+  schedule's control drives only the reset period R (``control.steps``; ATTA's ``knob`` is
+  ``reset``, so the schedule's K_max is ``method.reset``: a constant schedule is the plain reference
+  and ``method=amata_atta``'s step schedule gives R = 2 in the first five epochs, Section 3.2).  The
   schedule's alpha = tau / K is ignored: it would otherwise tie the attack step to the reset period.
 - **Reset rule.** Exactly the reference's: before 1-based epoch e when ``e % R_e == 0`` (reset 10:
   epochs 10, 20, 30; Amata+ATTA: 2 and 4, then 10, 20, ...).  R is read at the epoch's start, also
@@ -50,6 +50,7 @@ in the attack, 1 forward + 1 backward in the update: K + 1 of each, like PGD-K.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,38 +59,70 @@ from omegaconf import DictConfig
 
 from amata_runner.attacks.linf import project_delta
 from amata_runner.attacks.pgd import attack_mode, frozen_parameters, last, pgd_deltas
+from amata_runner.checks import ATTACK_BN_MODES, at_least, check_attack, one_of, require
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.registry import register_method
 
 
+@dataclass
+class ATTAConfig:
+    """ATTA-K: steps/step_size of the per-batch attack, the reset period, the stored-state init."""
+
+    name: str = "atta"
+    # L-inf radius; the dataset's threat model (ATTA: 0.031 on CIFAR10, 0.3 on MNIST).
+    eps: Any = "${dataset.threat.eps}"
+    # ATTA-K: PGD steps per batch from the stored start. The threat model's K by default (MNIST 40
+    # = the reference's ATTA-40, CIFAR10 10 = its argparse default ATTA-10); ATTA-1 / ATTA-3 are
+    # method.steps=1 method.step_size=0.015 / method.steps=3 method.step_size=0.01 (reference
+    # CIFAR).
+    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
+    # Attack step size; the threat model's (MNIST 0.01 as the reference; CIFAR10 2/255 where the
+    # reference's ATTA-10 uses 0.007).
+    step_size: Any = "${dataset.threat.step_size}"
+    # Reset period R in epochs (the schedule's K_max): the reference CIFAR default 10 (epochs
+    # 10, 20, 30 of 38). The MNIST reference never resets: set it above `epochs` for that.
+    reset: int = 10
+    # Std of the Gaussian noise the stored perturbations start from (and restart from at a reset):
+    # the reference's clean + 0.001 * N(0, 1); 0 starts from the clean images.
+    init_std: float = 0.001
+    # BatchNorm mode during the attack: eval, as the reference (model.eval() in its attack).
+    attack_bn: str = "eval"
+    # Reference-code quirk (CIFAR "mat" loss only): (1/B) * mean CE, i.e. the data gradient is
+    # divided by the batch size a second time (weight decay is not). false = the paper's mean CE.
+    extra_batch_division: bool = False
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Range checks of ``cfg.method`` in a resolved config; the folder datasets are refused
+        (ATTA keeps a perturbation per training image)."""
+        require(
+            cfg.dataset.name not in ("caltech256", "imagenet"),
+            "method.name",
+            cfg.method.name,
+            "ATTA keeps a perturbation per training image in the un-augmented frame: not available "
+            "for caltech256/imagenet",
+        )
+        check_attack(cfg, attack_bn=False)
+        at_least(cfg, "method.reset", 1)
+        init_std = cfg.method.init_std
+        require(init_std >= 0, "method.init_std", init_std, "must be >= 0 (0 = start from zero)")
+        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
+
+
+@register_method("atta", ATTAConfig, annealed="amata_atta")
 class ATTA(Method):
     """ATTA-K with per-example perturbations carried across epochs (see the module docstring)."""
 
     uses_control = True
+    knob = "reset"  # the schedule drives the reset period, not the attack's K
 
-    def __init__(
-        self,
-        ctx: TrainContext,
-        *,
-        eps: float,
-        steps: int,
-        step_size: float,
-        reset: int = 10,
-        init_std: float = 0.001,
-        attack_bn: str = "eval",
-        extra_batch_division: bool = False,
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: ATTAConfig) -> None:
         super().__init__(ctx)
-        if steps < 1 or reset < 1:
-            raise ValueError(f"need steps >= 1 and reset >= 1, got {steps}, {reset}")
-        self.eps = eps
-        self.steps = steps
-        self.step_size = step_size
-        self.reset = reset
-        self.init_std = init_std
-        self.attack_bn = attack_bn
-        self.extra_batch_division = extra_batch_division
+        if cfg.steps < 1 or cfg.reset < 1:
+            raise ValueError(f"need steps >= 1 and reset >= 1, got {cfg.steps}, {cfg.reset}")
+        self.cfg = cfg
         shape = (ctx.num_train, *ctx.image_shape)
         self.delta = torch.empty(shape, dtype=torch.float32, device=ctx.device)
         self.resets = 0  # resets so far (the initialisation is not counted)
@@ -98,8 +131,8 @@ class ATTA(Method):
     # ------------------------------------------------------------------ the stored state
     def _draw(self) -> None:
         """Every stored perturbation to init_std * N(0, I), in place (no reallocation)."""
-        if self.init_std > 0:
-            self.delta.normal_(0.0, self.init_std)
+        if self.cfg.init_std > 0:
+            self.delta.normal_(0.0, self.cfg.init_std)
         else:
             self.delta.zero_()
 
@@ -110,7 +143,7 @@ class ATTA(Method):
 
     def reset_period(self, control: Control | None) -> int:
         """R for this epoch: the schedule's K, or ``method.reset`` when run without a schedule."""
-        return self.reset if control is None else control.steps
+        return self.cfg.reset if control is None else control.steps
 
     def start_epoch(self, epoch: int, control: Control | None) -> None:
         """Reset before 1-based epoch e = epoch + 1 when e % R == 0 (the reference's rule)."""
@@ -138,7 +171,7 @@ class ATTA(Method):
     def to_batch_frame(self, stored: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Stored perturbations moved through the batch's crop + flip, clipped around batch.x."""
         delta = stored if batch.crop is None else batch.crop.apply(stored)
-        return project_delta(delta, batch.x, self.eps)
+        return project_delta(delta, batch.x, self.cfg.eps)
 
     def to_stored_frame(
         self, delta: torch.Tensor, stored: torch.Tensor, batch: Batch
@@ -151,7 +184,7 @@ class ATTA(Method):
     def attack(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """K sign-gradient steps of alpha from ``delta``, projected each step (input grads only)."""
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), frozen_parameters(model):
+        with attack_mode(model, self.cfg.attack_bn), frozen_parameters(model):
             # Only the forward under the attack's autocast (the input gradient is taken outside
             # it), as this attack has always run; hence forward_context, not a wrapping context.
             steps = pgd_deltas(
@@ -159,13 +192,13 @@ class ATTA(Method):
                 x,
                 y,
                 delta,
-                eps=self.eps,
-                step_size=self.step_size,
-                steps=self.steps,
+                eps=self.cfg.eps,
+                step_size=self.cfg.step_size,
+                steps=self.cfg.steps,
                 forward_context=self.attack_precision,
             )
             delta = last(steps)
-        self.ctx.counter.add(x.shape[0], forward=self.steps, backward=self.steps)
+        self.ctx.counter.add(x.shape[0], forward=self.cfg.steps, backward=self.cfg.steps)
         return delta
 
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
@@ -178,7 +211,7 @@ class ATTA(Method):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """One SGD step on the mean CE, or on mean CE / B with the reference's CIFAR quirk."""
-        if not self.extra_batch_division:
+        if not self.cfg.extra_batch_division:
             return self.update(x, y)
         model, optimizer, n = self.ctx.model, self.ctx.optimizer, x.shape[0]
         model.train()
@@ -193,7 +226,11 @@ class ATTA(Method):
 
     # ------------------------------------------------------------------ reporting and resume
     def knobs(self, control: Control | None) -> dict[str, float | int]:
-        return {"K": self.steps, "alpha": self.step_size, "reset": self.reset_period(control)}
+        return {
+            "K": self.cfg.steps,
+            "alpha": self.cfg.step_size,
+            "reset": self.reset_period(control),
+        }
 
     def metrics(self) -> dict[str, float]:
         return {"atta_resets": float(self.resets)}
@@ -210,16 +247,3 @@ class ATTA(Method):
             )
         self.delta.copy_(delta)
         self.resets = int(state["resets"])
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> ATTA:
-    return ATTA(
-        ctx,
-        eps=float(cfg.eps),
-        steps=int(cfg.steps),
-        step_size=float(cfg.step_size),
-        reset=int(cfg.reset),
-        init_std=float(cfg.init_std),
-        attack_bn=str(cfg.attack_bn),
-        extra_batch_division=bool(cfg.extra_batch_division),
-    )

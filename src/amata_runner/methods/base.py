@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,16 @@ class TrainContext:
 
 
 class Method(ABC):
-    """One training step on one batch; ``uses_control`` says whether a schedule drives it."""
+    """One training step on one batch; ``uses_control`` says whether a schedule drives it.
 
-    uses_control: bool = False
+    ``knob`` names the key of the method's config that the schedule anneals: the schedule's K runs
+    from ``schedule.k_min`` up to ``cfg.method[knob]`` (PGD's steps, Free's and YOPO's m, ATTA's
+    reset period), and the plain baseline (the constant schedule) uses that value throughout.
+    None: the control's K stays 1 (Fast reads only the schedule's strength).
+    """
+
+    uses_control: ClassVar[bool] = False
+    knob: ClassVar[str | None] = None
 
     def __init__(self, ctx: TrainContext) -> None:
         self.ctx = ctx

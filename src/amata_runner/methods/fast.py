@@ -22,7 +22,9 @@ the Amata paper ran Amata+Fast with):
   gradient, as the CIFAR code does (its MNIST script does not; the paper's algorithm box is silent
   on the image box).
 - The step is ``method.step_size`` (1.25 eps unless set), never the schedule's: Fast always takes
-  one step, and the schedule's control is read only for its ``strength``.
+  one step (so it has no ``method.steps``; the schedule's K stays 1), and the schedule's control is
+  read only for its ``strength``.  ``step_size: null`` means ``step_ratio * eps``; the config check
+  writes the number back, so the run's resolved config records the step actually taken.
 - Amata+Fast's weak phase (``strength < 1``, the first ``schedule.switch`` epochs of
   ``amata_fast``): delta starts at the fixed, non-random ``weak_init * eps`` on every pixel
   (default 0.5).  After the alpha = 1.25 eps step and the projection a pixel ends at +eps where
@@ -50,18 +52,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from amata_runner.attacks.linf import clip_to_image, project_delta, random_delta, signed_step
 from amata_runner.attacks.pgd import attack_mode, frozen_parameters, pgd_linf
+from amata_runner.checks import ATTACK_BN_MODES, at_least, one_of, positive_budget, require
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.registry import register_method
 
 
 def fgsm_delta(
@@ -78,33 +83,77 @@ def fgsm_delta(
     return signed_step(start.detach(), grad, step_size)
 
 
+@dataclass
+class FastConfig:
+    """FGSM from a uniform random start, alpha = 1.25 eps (Wong, Rice & Kolter, ICLR 2020)."""
+
+    name: str = "fast"
+    # L-inf radius, from the dataset's threat model (CIFAR10 8/255, MNIST 0.3)
+    eps: Any = "${dataset.threat.eps}"
+    # the FGSM step alpha; None: step_ratio * eps, i.e. 1.25 eps (10/255 at 8/255), the paper's
+    # and the code's alpha (the check stores the number).  A number (or a fraction) overrides it.
+    step_size: Any = None
+    step_ratio: float = 1.25
+    # clip the random start so that x + delta lies in [0,1] before the gradient, as the CIFAR10
+    # code does (its MNIST script does not)
+    clamp_start: bool = True
+    # BatchNorm mode of the FGSM step and of the early-stop check; train, as the reference (the
+    # model is never put in eval mode while training)
+    attack_bn: str = "train"
+    # Amata+Fast's fixed non-random start (used while the schedule's strength < 1), as a fraction
+    # of eps on every pixel.  Ours (the paper gives no value): 0.5 ends the FGSM step at +eps /
+    # -0.75 eps per pixel around one fixed point; <= 0.25 would be full-strength FGSM.
+    weak_init: float = 0.5
+    # the reference's --early-stop (off by default there): after each epoch, PGD-5 of
+    # early_stop_step_size on a fixed batch of the validation split (the epoch's first training
+    # batch, as the reference, when eval.validation.size=0; train-mode BN, its statistics put back
+    # after the check on held-out images); if its robust accuracy fell by more than
+    # early_stop_drop (absolute) since the previous epoch, the previous epoch's weights are put
+    # back and training ends (catastrophic overfitting).
+    early_stop: bool = False
+    early_stop_steps: int = 5  # reference: 5
+    early_stop_step_size: Any = "${dataset.threat.step_size}"  # reference: 2/255 on CIFAR10
+    early_stop_drop: float = 0.2  # reference: 0.2
+
+    @staticmethod
+    def normalise(cfg: DictConfig) -> None:
+        """``step_size: null`` becomes ``step_ratio * eps``, so the saved config records the step
+        actually taken."""
+        m = cfg.method
+        if m.step_size is None:
+            OmegaConf.update(cfg, "method.step_size", float(m.step_ratio) * float(m.eps))
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Budgets positive (fractions resolved), step_size derived, the fixed start non-zero."""
+        positive_budget(cfg, "method.eps", upper=1.0)
+        m = cfg.method
+        require(m.step_ratio > 0, "method.step_ratio", m.step_ratio, "must be > 0")
+        positive_budget(cfg, "method.step_size")
+        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
+        require(
+            m.weak_init != 0 and -1 <= m.weak_init <= 1,
+            "method.weak_init",
+            m.weak_init,
+            "must be non-zero and in [-1, 1] (a fraction of eps)",
+        )
+        at_least(cfg, "method.early_stop_steps", 1)
+        positive_budget(cfg, "method.early_stop_step_size")
+        require(
+            0 < m.early_stop_drop <= 1,
+            "method.early_stop_drop",
+            m.early_stop_drop,
+            "must be in (0, 1] (an absolute drop in robust accuracy)",
+        )
+
+
+@register_method("fast", FastConfig, annealed="amata_fast")
 class Fast(Method):
     uses_control = True
 
-    def __init__(
-        self,
-        ctx: TrainContext,
-        *,
-        eps: float,
-        step_size: float,
-        clamp_start: bool = True,
-        attack_bn: str = "train",
-        weak_init: float = 0.5,
-        early_stop: bool = False,
-        early_stop_steps: int = 5,
-        early_stop_step_size: float = 2 / 255,
-        early_stop_drop: float = 0.2,
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: FastConfig) -> None:
         super().__init__(ctx)
-        self.eps = eps
-        self.step_size = step_size
-        self.clamp_start = clamp_start
-        self.attack_bn = attack_bn
-        self.weak_init = weak_init
-        self.early_stop = early_stop
-        self.early_stop_steps = early_stop_steps
-        self.early_stop_step_size = early_stop_step_size
-        self.early_stop_drop = early_stop_drop
+        self.cfg = cfg
         self.prev_robust_acc = 0.0  # the reference starts from 0, so epoch 1 never stops
         self._first_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kept: dict[str, torch.Tensor] | None = None  # weights after the last good epoch
@@ -120,14 +169,15 @@ class Fast(Method):
 
     def start(self, x: torch.Tensor, weak: bool) -> torch.Tensor:
         """The FGSM start: uniform in the eps-ball, or the fixed weak_init * eps when weak."""
+        cfg = self.cfg
         if not weak:
-            return random_delta(x, self.eps, clip=self.clamp_start)
-        delta = torch.full_like(x, self.weak_init * self.eps)
-        return clip_to_image(delta, x) if self.clamp_start else delta
+            return random_delta(x, cfg.eps, clip=cfg.clamp_start)
+        delta = torch.full_like(x, cfg.weak_init * cfg.eps)
+        return clip_to_image(delta, x) if cfg.clamp_start else delta
 
     # ------------------------------------------------------------------ hooks
     def knobs(self, control: Control | None) -> dict[str, float | int]:
-        return {"alpha": self.step_size, "weak_start": int(self.is_weak(control))}
+        return {"alpha": self.cfg.step_size, "weak_start": int(self.is_weak(control))}
 
     def start_epoch(self, epoch: int, control: Control | None) -> None:
         del epoch, control
@@ -152,7 +202,7 @@ class Fast(Method):
 
     def stop_requested(self) -> bool:
         """The reference's early stop: True (weights restored) when robust accuracy collapsed."""
-        batch = self._check_batch() if self.early_stop else None
+        batch = self._check_batch() if self.cfg.early_stop else None
         if batch is None:
             return False
         # Under torchrun every rank checks its own share of the batch; the mean makes them agree.
@@ -165,7 +215,7 @@ class Fast(Method):
         self._first_batch = None
         self._in_epoch = False
         self._checked = accuracy
-        if accuracy - self.prev_robust_acc < -self.early_stop_drop:
+        if accuracy - self.prev_robust_acc < -self.cfg.early_stop_drop:
             if self._kept is not None:
                 self.ctx.model.load_state_dict(self._kept)
             return True
@@ -184,7 +234,7 @@ class Fast(Method):
         At an epoch end the kept weights are the checkpoint's own model; inside an epoch the model
         has moved on, so they (and the epoch's first batch) are saved explicitly.
         """
-        if not self.early_stop:
+        if not self.cfg.early_stop:
             return {}
         state: dict[str, Any] = {"prev_robust_acc": float(self.prev_robust_acc)}
         if self._in_epoch:
@@ -198,7 +248,7 @@ class Fast(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The engine loads the model before the method; an epoch-end checkpoint is written after
         # the check, so the model then holds exactly the weights the check kept.
-        if not self.early_stop or "prev_robust_acc" not in state:
+        if not self.cfg.early_stop or "prev_robust_acc" not in state:
             return
         self.prev_robust_acc = float(state["prev_robust_acc"])
         if state.get("mid_epoch", "first_batch" in state):
@@ -215,7 +265,7 @@ class Fast(Method):
     # ------------------------------------------------------------------ training
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         x, y = batch.x, batch.y
-        if self.early_stop and self._epoch_started and self.ctx.validation_batch is None:
+        if self.cfg.early_stop and self._epoch_started and self.ctx.validation_batch is None:
             self._first_batch = (x, y)  # no validation split: the reference's first batch
         self._epoch_started = False
         self._in_epoch = True
@@ -225,22 +275,22 @@ class Fast(Method):
     def perturb(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """One FGSM step of step_size from ``start``, projected: the training perturbation."""
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.attack_precision():
-            stepped = fgsm_delta(model, x, y, start, self.step_size)
+        with attack_mode(model, self.cfg.attack_bn), self.attack_precision():
+            stepped = fgsm_delta(model, x, y, start, self.cfg.step_size)
         self.ctx.counter.add(x.shape[0])
-        return project_delta(stepped, x, self.eps)
+        return project_delta(stepped, x, self.cfg.eps)
 
     def batch_robust_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """PGD robust accuracy on one batch, in the training BN mode (one host sync)."""
-        model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.attack_precision():
+        model, cfg = self.ctx.model, self.cfg
+        with attack_mode(model, cfg.attack_bn), self.attack_precision():
             x_adv = pgd_linf(
                 model,
                 x,
                 y,
-                eps=self.eps,
-                step_size=self.early_stop_step_size,
-                steps=self.early_stop_steps,
+                eps=cfg.eps,
+                step_size=cfg.early_stop_step_size,
+                steps=cfg.early_stop_steps,
                 random_start=True,
                 counter=self.ctx.counter,
             )
@@ -264,18 +314,3 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> Fast:
-    return Fast(
-        ctx,
-        eps=float(cfg.eps),
-        step_size=float(cfg.step_size),
-        clamp_start=bool(cfg.clamp_start),
-        attack_bn=str(cfg.attack_bn),
-        weak_init=float(cfg.weak_init),
-        early_stop=bool(cfg.early_stop),
-        early_stop_steps=int(cfg.early_stop_steps),
-        early_stop_step_size=float(cfg.early_stop_step_size),
-        early_stop_drop=float(cfg.early_stop_drop),
-    )

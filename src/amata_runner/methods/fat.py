@@ -47,15 +47,20 @@ reference always has.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from omegaconf import DictConfig
 
 from amata_runner.attacks.early_stop import early_stopped_pgd
 from amata_runner.attacks.linf import random_start
 from amata_runner.attacks.pgd import attack_mode
+from amata_runner.checks import ATTACK_BN_MODES, at_least, check_attack, one_of, require
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import StepOutput, TrainContext
+from amata_runner.methods.registry import register_method
 from amata_runner.methods.running import MeasuredMethod, RunningMeans
 
 REFERENCE_MILESTONES = (50, 90)
@@ -101,38 +106,63 @@ class FATRule:
         return ~stop
 
 
+@dataclass
+class FATConfig:
+    """Early-stopped PGD: an example stops tau_t steps after it is first misclassified."""
+
+    name: str = "fat"
+    # L-inf radius; the dataset's threat model (reference, CIFAR/SVHN only: 0.031)
+    eps: Any = "${dataset.threat.eps}"
+    # K, the most PGD steps; the dataset's threat model (reference: --num-steps 10)
+    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
+    # alpha; the dataset's threat model (reference: --step-size 0.007)
+    step_size: Any = "${dataset.threat.step_size}"
+    # start at x + U(-eps, eps); reference --random (a type=bool flag, so always on there); false
+    # starts at the clean image (the flag's intended meaning)
+    random_start: bool = True
+    # std of the Gaussian noise added to each step of the moving examples; FAT.py --omega default
+    omega: float = 0.001
+    # tau_t from tau_milestones; reference --dynamictau (a type=bool flag, so always on there);
+    # false uses the fixed `tau` throughout (the flag's intended meaning)
+    dynamic_tau: bool = True
+    # the fixed tau when dynamic_tau=false; reference --tau default 0
+    tau: int = 0
+    # 1-based epochs after which tau_t grows by 1: the reference's adjust_tau(epoch + 1) gives 0
+    # for epochs 1-50, 1 for 51-90, 2 after (of 120); scale them for shorter runs
+    tau_milestones: list[int] = field(default_factory=lambda: [50, 90])
+    # BatchNorm mode during the attack; eval, as earlystop.py sets it
+    attack_bn: str = "eval"
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Validate ``cfg.method`` in place (fraction budgets become floats)."""
+        check_attack(cfg, attack_bn=False)
+        at_least(cfg, "method.tau", 0)
+        omega = cfg.method.omega
+        require(omega >= 0, "method.omega", omega, "must be >= 0")
+        milestones = list(cfg.method.tau_milestones)
+        require(
+            all(m > 0 for m in milestones) and milestones == sorted(set(milestones)),
+            "method.tau_milestones",
+            milestones,
+            "must be strictly increasing positive epochs",
+        )
+        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
+
+
+@register_method("fat", FATConfig)
 class FAT(MeasuredMethod):
     uses_control = False
 
-    def __init__(
-        self,
-        ctx: TrainContext,
-        *,
-        eps: float,
-        steps: int,
-        step_size: float,
-        random_start: bool = True,
-        omega: float = 0.001,
-        dynamic_tau: bool = True,
-        tau: int = 0,
-        tau_milestones: tuple[int, ...] | list[int] = REFERENCE_MILESTONES,
-        attack_bn: str = "eval",
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: FATConfig) -> None:
         super().__init__(ctx)
-        self.eps, self.steps, self.step_size = eps, steps, step_size
-        self.random_start = random_start
-        self.omega = omega
-        self.dynamic_tau = dynamic_tau
-        self.fixed_tau = tau
-        self.tau_milestones = tuple(tau_milestones)
-        self.attack_bn = attack_bn
+        self.cfg = cfg
         self.tau = self._tau(0)
         self.means = RunningMeans(ctx.device, "mean_steps", "stopped_fraction")
 
     def _tau(self, epoch: int) -> int:
-        return tau_at(
-            epoch, dynamic=self.dynamic_tau, tau=self.fixed_tau, milestones=self.tau_milestones
-        )
+        cfg = self.cfg
+        return tau_at(epoch, dynamic=cfg.dynamic_tau, tau=cfg.tau, milestones=cfg.tau_milestones)
 
     # ------------------------------------------------------------------ schedule
     def start_epoch(self, epoch: int, control: Control | None) -> None:
@@ -142,42 +172,28 @@ class FAT(MeasuredMethod):
 
     def knobs(self, control: Control | None) -> dict[str, float | int]:
         del control
-        return {"K": self.steps, "alpha": self.step_size, "tau": self.tau}
+        return {"K": self.cfg.steps, "alpha": self.cfg.step_size, "tau": self.tau}
 
     # ------------------------------------------------------------------ training
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         del control
         x, y, model = batch.x, batch.y, self.ctx.model
-        start = random_start(x, self.eps) if self.random_start else x.detach().clone()
-        with attack_mode(model, self.attack_bn), self.attack_precision():
+        cfg = self.cfg
+        start = random_start(x, cfg.eps) if cfg.random_start else x.detach().clone()
+        with attack_mode(model, cfg.attack_bn), self.attack_precision():
             result = early_stopped_pgd(
                 model,
                 x,
                 y,
                 start,
-                eps=self.eps,
-                step_size=self.step_size,
-                steps=self.steps,
+                eps=cfg.eps,
+                step_size=cfg.step_size,
+                steps=cfg.steps,
                 rule=FATRule(y, self.tau),
-                noise=self.omega,
+                noise=cfg.omega,
                 counter=self.ctx.counter,
             )
         self.means.add(
             x.shape[0], mean_steps=result.steps.sum(), stopped_fraction=(~result.active).sum()
         )
         return self.update(result.x_adv, y)
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> FAT:
-    return FAT(
-        ctx,
-        eps=float(cfg.eps),
-        steps=int(cfg.steps),
-        step_size=float(cfg.step_size),
-        random_start=bool(cfg.random_start),
-        omega=float(cfg.omega),
-        dynamic_tau=bool(cfg.dynamic_tau),
-        tau=int(cfg.tau),
-        tau_milestones=[int(m) for m in cfg.tau_milestones],
-        attack_bn=str(cfg.attack_bn),
-    )

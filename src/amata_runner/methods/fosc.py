@@ -52,17 +52,24 @@ Quirks of the reference code (YisenWang/dynamic_adv_training), each a flag:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from amata_runner.attacks.early_stop import early_stopped_pgd
 from amata_runner.attacks.linf import random_start
 from amata_runner.attacks.pgd import attack_mode
+from amata_runner.checks import ATTACK_BN_MODES, at_least, one_of, positive_budget, require
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import StepOutput, TrainContext
+from amata_runner.methods.registry import register_method
 from amata_runner.methods.running import MeasuredMethod, RunningMeans
+
+FOSC_ORIGINS = ("clean", "start")
 
 
 def fosc_linf(
@@ -103,35 +110,65 @@ class FOSCRule:
         return self.value > self.c
 
 
+@dataclass
+class FOSCConfig:
+    """Early-stopped PGD: an example stops once its FOSC falls to c_t, c_t: c_max -> 0 linearly."""
+
+    name: str = "fosc"
+    # L-inf radius; the dataset's threat model (reference, CIFAR only: 0.031)
+    eps: Any = "${dataset.threat.eps}"
+    # K, the most PGD steps per example; the reference's nb_iter=10 (hard-coded for any dataset)
+    steps: int = 10
+    # alpha; None: eps / 4, the reference's eps_iter=epsilon/4 (CIFAR: 2/255, digits: 0.05)
+    step_size: Any = None
+    # start at x + U(-eps, eps); the reference's random_start=True
+    random_start: bool = True
+    # the criterion in the first epoch; the reference's fosc_max=0.5 (train_models.py)
+    c_max: float = 0.5
+    # epochs over which c_t falls linearly to 0 (full PGD-K after); the reference's
+    # dynamic_epoch=100 of 120 epochs; scale it for shorter runs
+    dynamic_epochs: int = 100
+    # x0 in FOSC: clean = the clean image, the ball's centre (paper eq. 15, default); start = the
+    # random start point (the reference code's quirk)
+    fosc_origin: str = "clean"
+    # true: weight each example's loss by its own detached CE from the 2nd epoch on (a reference
+    # code quirk the paper does not describe); false = the paper (default)
+    loss_weighting: bool = False
+    # evaluate FOSC at the produced examples x^K: one more input-gradient pass per batch, as the
+    # reference loop does after its last step; false saves it and logs FOSC at x^{K-1} for the
+    # examples still running
+    final_fosc: bool = True
+    # BatchNorm mode during the attack; eval = Keras inference mode, as in the reference
+    attack_bn: str = "eval"
+
+    @staticmethod
+    def normalise(cfg: DictConfig) -> None:
+        """``step_size: null`` becomes eps / 4 (the reference's), recorded in the saved config."""
+        if OmegaConf.select(cfg, "method.step_size") is None:
+            OmegaConf.update(cfg, "method.step_size", float(cfg.method.eps) / 4)
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        positive_budget(cfg, "method.eps", upper=1.0)
+        positive_budget(cfg, "method.step_size")
+        at_least(cfg, "method.steps", 1)
+        c_max = cfg.method.c_max
+        require(c_max >= 0, "method.c_max", c_max, "must be >= 0")
+        at_least(cfg, "method.dynamic_epochs", 1)
+        one_of(cfg, "method.fosc_origin", FOSC_ORIGINS)
+        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
+
+
+@register_method("fosc", FOSCConfig)
 class FOSC(MeasuredMethod):
     uses_control = False
 
-    def __init__(
-        self,
-        ctx: TrainContext,
-        *,
-        eps: float,
-        steps: int,
-        step_size: float,
-        c_max: float = 0.5,
-        dynamic_epochs: int = 100,
-        random_start: bool = True,
-        fosc_origin: str = "clean",
-        loss_weighting: bool = False,
-        final_fosc: bool = True,
-        attack_bn: str = "eval",
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: FOSCConfig) -> None:
         super().__init__(ctx)
-        if fosc_origin not in ("clean", "start"):
-            raise ValueError(f"fosc_origin must be 'clean' or 'start', got {fosc_origin!r}")
-        self.eps, self.steps, self.step_size = eps, steps, step_size
-        self.c_max, self.dynamic_epochs = c_max, dynamic_epochs
-        self.random_start = random_start
-        self.fosc_origin = fosc_origin
-        self.loss_weighting = loss_weighting
-        self.final_fosc = final_fosc
-        self.attack_bn = attack_bn
-        self.c = criterion_at(0, c_max, dynamic_epochs)
+        if cfg.fosc_origin not in FOSC_ORIGINS:
+            raise ValueError(f"fosc_origin must be 'clean' or 'start', got {cfg.fosc_origin!r}")
+        self.cfg = cfg
+        self.c = criterion_at(0, cfg.c_max, cfg.dynamic_epochs)
         self.weighted = False  # the reference weights the loss from its second epoch on
         self.means = RunningMeans(ctx.device, "mean_fosc", "mean_steps", "stopped_fraction")
 
@@ -139,30 +176,31 @@ class FOSC(MeasuredMethod):
     def start_epoch(self, epoch: int, control: Control | None) -> None:
         """Set this epoch's criterion c_t (and whether the loss weighting applies yet)."""
         del control
-        self.c = criterion_at(epoch, self.c_max, self.dynamic_epochs)
-        self.weighted = self.loss_weighting and epoch >= 1
+        self.c = criterion_at(epoch, self.cfg.c_max, self.cfg.dynamic_epochs)
+        self.weighted = self.cfg.loss_weighting and epoch >= 1
 
     def knobs(self, control: Control | None) -> dict[str, float | int]:
         del control
-        return {"K": self.steps, "alpha": self.step_size, "c": self.c}
+        return {"K": self.cfg.steps, "alpha": self.cfg.step_size, "c": self.c}
 
     # ------------------------------------------------------------------ training
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         del control
         x, y, model = batch.x, batch.y, self.ctx.model
-        start = random_start(x, self.eps) if self.random_start else x.detach().clone()
-        rule = FOSCRule(x if self.fosc_origin == "clean" else start, self.eps, self.c)
-        with attack_mode(model, self.attack_bn), self.attack_precision():
+        cfg = self.cfg
+        start = random_start(x, cfg.eps) if cfg.random_start else x.detach().clone()
+        rule = FOSCRule(x if cfg.fosc_origin == "clean" else start, cfg.eps, self.c)
+        with attack_mode(model, cfg.attack_bn), self.attack_precision():
             result = early_stopped_pgd(
                 model,
                 x,
                 y,
                 start,
-                eps=self.eps,
-                step_size=self.step_size,
-                steps=self.steps,
+                eps=cfg.eps,
+                step_size=cfg.step_size,
+                steps=cfg.steps,
                 rule=rule,
-                final_check=self.final_fosc,
+                final_check=cfg.final_fosc,
                 counter=self.ctx.counter,
             )
         self.means.add(
@@ -173,13 +211,13 @@ class FOSC(MeasuredMethod):
         )
         if not self.weighted:
             return self.update(result.x_adv, y)
-        weights = result.loss if self.final_fosc else self._attack_losses(result.x_adv, y)
+        weights = result.loss if cfg.final_fosc else self._attack_losses(result.x_adv, y)
         return self._weighted_update(result.x_adv, y, weights)
 
     def _attack_losses(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example CE in attack mode (Keras ``predict``): one extra forward, counted."""
         model = self.ctx.model
-        with attack_mode(model, self.attack_bn), self.attack_precision(), torch.no_grad():
+        with attack_mode(model, self.cfg.attack_bn), self.attack_precision(), torch.no_grad():
             losses = F.cross_entropy(model(x_adv).float(), y, reduction="none")
         self.ctx.counter.add(x_adv.shape[0], forward=1, backward=0)
         return losses
@@ -198,19 +236,3 @@ class FOSC(MeasuredMethod):
         optimizer.step()
         self.ctx.counter.add(x.shape[0])
         return StepOutput(losses.detach().sum(), (logits.argmax(1) == y).sum())
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> FOSC:
-    return FOSC(
-        ctx,
-        eps=float(cfg.eps),
-        steps=int(cfg.steps),
-        step_size=float(cfg.step_size),
-        c_max=float(cfg.c_max),
-        dynamic_epochs=int(cfg.dynamic_epochs),
-        random_start=bool(cfg.random_start),
-        fosc_origin=str(cfg.fosc_origin),
-        loss_weighting=bool(cfg.loss_weighting),
-        final_fosc=bool(cfg.final_fosc),
-        attack_bn=str(cfg.attack_bn),
-    )

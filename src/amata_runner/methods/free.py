@@ -41,6 +41,7 @@ whole network yields the parameter and the input gradient together).  No host sy
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,36 +49,56 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from amata_runner.attacks.linf import project_delta, signed_step
+from amata_runner.checks import check_attack
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.registry import register_method
 
 
+@dataclass
+class FreeConfig:
+    """Free-m (Shafahi et al. 2019): m replays per batch, one backward each, a carried delta."""
+
+    name: str = "free"
+    # L-inf radius of the carried perturbation, from the dataset's threat model
+    eps: Any = "${dataset.threat.eps}"
+    # m, the replays of each mini-batch (the schedule's integer knob K). 4 is the Free run the Amata
+    # paper compares with on ImageNet (mahyarnajibi/FreeAdversarialTraining, n_repeats 4); the TF
+    # CIFAR original and locuslab's port use 8.
+    steps: int = 4
+    # alpha, the sign step of the perturbation per replay; eps in every Free repository
+    # (fgsm_step = eps). Under a schedule alpha = tau / m with tau = step_size * k_max by default.
+    step_size: Any = "${method.eps}"
+    # run ceil(epochs / m) epochs, as the references do (ImageNet: ceil(90 / 4) = 23)
+    divide_epochs: bool = True
+    # also keep x + delta in [0,1] in the carried state (locuslab's port); false clips delta to the
+    # eps-ball only and clamps the model input, as the PyTorch repository the paper ran and the TF
+    # original do
+    clamp_delta_to_image: bool = False
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Budgets positive (fractions such as 8/255 resolved to floats), m >= 1."""
+        check_attack(cfg, attack_bn=False)
+
+
+@register_method("free", FreeConfig, annealed="amata_free")
 class Free(Method):
     uses_control = True
+    knob = "steps"  # m: the schedule anneals the replays
 
-    def __init__(
-        self,
-        ctx: TrainContext,
-        *,
-        eps: float,
-        replays: int,
-        divide_epochs: bool = True,
-        clamp_delta_to_image: bool = False,
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: FreeConfig) -> None:
         super().__init__(ctx)
-        self.eps = eps
-        self.replays = replays  # the configured m, used only to divide the epochs
-        self.divide_epochs = divide_epochs
-        self.clamp_delta_to_image = clamp_delta_to_image
+        self.cfg = cfg
         self.delta: torch.Tensor | None = None  # the carried perturbation, fp32, batch-shaped
 
     # ------------------------------------------------------------------ hooks
     def epochs(self, configured: int) -> int:
         """ceil(E / m): the m replays already make each epoch m passes over the data."""
-        if not self.divide_epochs:
+        if not self.cfg.divide_epochs:
             return configured
-        return max(1, math.ceil(configured / self.replays))
+        return max(1, math.ceil(configured / self.cfg.steps))  # the configured m, not the annealed
 
     def knobs(self, control: Control | None) -> dict[str, float | int]:
         if control is None:
@@ -135,17 +156,7 @@ class Free(Method):
         if grad is None:  # the input did not reach the loss (cannot happen with a real model)
             return
         new = project_delta(
-            signed_step(delta, grad, alpha), x, self.eps, clip=self.clamp_delta_to_image
+            signed_step(delta, grad, alpha), x, self.cfg.eps, clip=self.cfg.clamp_delta_to_image
         )
         assert self.delta is not None
         self.delta[: x.shape[0]] = new
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> Free:
-    return Free(
-        ctx,
-        eps=float(cfg.eps),
-        replays=int(cfg.steps),
-        divide_epochs=bool(cfg.divide_epochs),
-        clamp_delta_to_image=bool(cfg.clamp_delta_to_image),
-    )

@@ -45,6 +45,7 @@ class PGDConfig:
 @register_method("pgd", PGDConfig, annealed="amata")
 class PGD(Method):
     uses_control = True
+    knob = "steps"
 
     def __init__(self, ctx: TrainContext, cfg: PGDConfig) -> None:
         super().__init__(ctx)

@@ -43,6 +43,17 @@ class MethodSpec:
         if check is not None:
             check(cfg)
 
+    def k_max(self, cfg: DictConfig) -> int:
+        """K_max of the schedule: the method's own value of its ``knob`` (1 without a knob)."""
+        knob: str | None = self.method.knob
+        return 1 if knob is None else int(cfg.method[knob])
+
+    def tau(self, cfg: DictConfig) -> float:
+        """The schedule's budget tau = K * alpha: ``schedule.tau``, or null: ``method.step_size``
+        times K_max, so that the last control is the plain baseline's (K_max, step_size)."""
+        tau = cfg.schedule.tau
+        return float(cfg.method.step_size) * self.k_max(cfg) if tau is None else float(tau)
+
     def typed(self, node: DictConfig) -> Any:
         """The config dataclass filled from a resolved ``cfg.method`` node."""
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(self.config), node))

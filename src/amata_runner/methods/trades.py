@@ -17,18 +17,28 @@ running statistics see the clean batch once, not twice).
 
 Passes per example: 1 clean forward for p, K forward+backward for the attack, then the update's
 clean and adversarial forwards with one backward through each: K + 3 forwards, K + 2 backwards.
+
+The defaults are the reference's CIFAR-10 settings (yaodongyu/TRADES, train_trades_cifar10.py):
+beta = 6 (the paper's 1/lambda), a N(0, 0.001^2) start and BatchNorm in eval mode while the KL
+attack runs; eps, K and alpha follow the dataset's threat model. ``steps`` and ``step_size`` are
+what the schedule drives, so ``amata_trades`` anneals them as Amata anneals PGD.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from amata_runner.attacks.pgd import attack_mode, pgd_linf
+from amata_runner.checks import ATTACK_BN_MODES, check_attack, one_of, require
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.registry import register_method
 
 
 def kl_sum(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -36,29 +46,43 @@ def kl_sum(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")
 
 
+@dataclass
+class TradesConfig:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL."""
+
+    name: str = "trades"
+    eps: Any = "${dataset.threat.eps}"
+    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]  # K of the attack
+    step_size: Any = "${dataset.threat.step_size}"
+    beta: float = 6.0  # weight of the KL term (the papers' CIFAR-10 value)
+    start_std: float = 0.001  # the attack starts at x + N(0, start_std^2), as the reference
+    attack_bn: str = "eval"  # BatchNorm mode during the attack (the reference: model.eval())
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Budgets positive, K >= 1, beta >= 0, start_std >= 0."""
+        check_attack(cfg, attack_bn=False)
+        beta = cfg.method.beta
+        require(0 <= beta < float("inf"), "method.beta", beta, "must be a finite number >= 0")
+        std = cfg.method.start_std
+        require(0 <= std < float("inf"), "method.start_std", std, "must be a finite number >= 0")
+        one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
+
+
+@register_method("trades", TradesConfig, annealed="amata_trades")
 class TRADES(Method):
     uses_control = True
+    knob = "steps"
 
-    def __init__(
-        self,
-        ctx: TrainContext,
-        *,
-        eps: float,
-        beta: float,
-        start_std: float = 0.001,
-        attack_bn: str = "eval",
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: TradesConfig) -> None:
         super().__init__(ctx)
-        self.eps = eps
-        self.beta = beta
-        self.start_std = start_std
-        self.attack_bn = attack_bn
+        self.cfg = cfg
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, control: Control) -> torch.Tensor:
         """x' inside the eps-ball that (approximately) maximises KL(f(x) || f(x')); y unused."""
         del y
         model, counter = self.ctx.model, self.ctx.counter
-        with attack_mode(model, self.attack_bn), self.attack_precision():
+        with attack_mode(model, self.cfg.attack_bn), self.attack_precision():
             with torch.no_grad():
                 clean_probs = F.softmax(model(x), dim=1).float()
             counter.add(x.shape[0], forward=1, backward=0)
@@ -66,10 +90,10 @@ class TRADES(Method):
                 model,
                 x,
                 clean_probs,
-                eps=self.eps,
+                eps=self.cfg.eps,
                 step_size=control.step_size,
                 steps=control.steps,
-                start_std=self.start_std,
+                start_std=self.cfg.start_std,
                 counter=counter,
                 loss_fn=kl_sum,
             )
@@ -77,20 +101,10 @@ class TRADES(Method):
     def loss(self, logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The outer objective: mean CE on clean + beta * batch-mean KL(clean || adversarial)."""
         robust = kl_sum(logits_adv, F.softmax(logits, dim=1)) / y.shape[0]
-        return F.cross_entropy(logits, y) + self.beta * robust
+        return F.cross_entropy(logits, y) + self.cfg.beta * robust
 
     def train_batch(self, batch: Batch, control: Control | None) -> StepOutput:
         if control is None:
             raise ValueError("TRADES needs a control (K, alpha) from a schedule")
         x_adv = self.attack(batch.x, batch.y, control)
         return self.pair_update(batch.x, x_adv, batch.y, self.loss)
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> TRADES:
-    return TRADES(
-        ctx,
-        eps=cfg.eps,
-        beta=float(cfg.beta),
-        start_std=float(cfg.start_std),
-        attack_bn=cfg.attack_bn,
-    )

@@ -23,6 +23,9 @@ gradient with the costate frozen from the last full pass; at the x' of that pass
 one's CE gradient.  x' carries over from one repeat to the next (the CE of repeat j sees the
 perturbation of the inner loop j - 1) but not across mini-batches.  Under a schedule, m = K_t and
 sigma = tau / K_t (``control``): Amata+YOPO raises K and lowers sigma (``method=amata_yopo``).
+The defaults (``YOPOConfig``) are YOPO-5-10, the reference's MNIST setting; its CIFAR10 setting
+YOPO-5-3 is ``method.inner_steps=3`` (eps and sigma follow the dataset's threat model, which is
+already the reference's on both).
 
 Choices where the reference code (a1600012888/YOPO-You-Only-Propagate-Once) deviates from the
 paper, or depends on details outside the algorithm, each a config key (see docs/methods.md, YOPO):
@@ -64,19 +67,23 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from amata_runner.attacks.linf import project, random_start, signed_step
 from amata_runner.attacks.pgd import frozen_parameters
+from amata_runner.checks import at_least, check_attack, one_of, require
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
+from amata_runner.methods.registry import register_method
 
+# Which of the m full backward passes also put their cross-entropy gradient into layer one.
 LAYER_ONE_CE = ("none", "all", "after_first")
 LAYER_ONE_GAMMA = 0.1  # the reference's MultiStepLR factor for its layer-one optimiser
 
@@ -95,29 +102,64 @@ def scaled_lr(optimizer: torch.optim.Optimizer, divisor: float) -> Iterator[None
             group["lr"] = lr
 
 
+@dataclass
+class YOPOConfig:
+    """YOPO-m-n (Zhang et al. 2019); the defaults are YOPO-5-10, the reference's MNIST setting."""
+
+    name: str = "yopo"
+    # L-inf radius; the reference's 0.3 (MNIST) and 8/255 (CIFAR10) are the threat model's
+    eps: Any = "${dataset.threat.eps}"
+    # m (Amata's K): outer repeats per mini-batch, a full forward/backward each; 5 in both settings
+    steps: int = 5
+    # n: first-layer-only perturbation updates per repeat; 10 (MNIST YOPO-5-10), 3 (CIFAR YOPO-5-3)
+    inner_steps: int = 10
+    # sigma: the inner sign step; 0.01 (MNIST) and 2/255 (CIFAR10) = the threat model's PGD step
+    step_size: Any = "${dataset.threat.step_size}"
+    # Which of the m full backwards also give layer one their CE gradient: none = the paper (layer
+    # one learns only through the Hamiltonian); all = the CIFAR code (and the MNIST code under
+    # PyTorch 1.0, which the Amata paper used); after_first = the MNIST code under PyTorch >= 2
+    layer_one_ce: str = "none"
+    # true: the random start x + U(-eps, eps) is clipped to [0,1] (the image domain of the paper);
+    # false: the reference's unclipped start for the first full pass
+    clip_start: bool = True
+    # The optimiser steps with optim.lr / lr_divisor on the gradients *summed* over the m repeats,
+    # as the reference (lr = base_lr / K, K from its config).  Amata+YOPO keeps it at K_max.
+    lr_divisor: int = "${method.steps}"  # type: ignore[assignment]
+    # None: layer one is stepped by the run's optimiser and LR schedule (equal to the reference's
+    # separate layer-one SGD when the schedules agree, as on CIFAR10); a list, e.g. [15,19] (the
+    # MNIST code's leftover): a separate layer-one SGD whose lr drops x0.1 at those epochs
+    layer_one_milestones: list[int] | None = None
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Budgets positive (fractions such as 8/255 resolved to floats), m, n, divisor >= 1."""
+        check_attack(cfg, attack_bn=False)
+        at_least(cfg, "method.inner_steps", 1)
+        at_least(cfg, "method.lr_divisor", 1)
+        one_of(cfg, "method.layer_one_ce", LAYER_ONE_CE)
+        milestones = OmegaConf.select(cfg, "method.layer_one_milestones")
+        if milestones is not None:
+            values = list(milestones)
+            require(
+                all(m > 0 for m in values) and values == sorted(set(values)),
+                "method.layer_one_milestones",
+                values,
+                "must be null or strictly increasing positive epochs",
+            )
+
+
+@register_method("yopo", YOPOConfig, annealed="amata_yopo")
 class YOPO(Method):
     uses_control = True
+    knob = "steps"  # m: the schedule anneals the outer repeats
 
-    def __init__(
-        self,
-        ctx: TrainContext,
-        *,
-        eps: float,
-        inner_steps: int,
-        layer_one_ce: str = "none",
-        clip_start: bool = True,
-        lr_divisor: float = 1.0,
-        layer_one_milestones: list[int] | None = None,
-    ) -> None:
+    def __init__(self, ctx: TrainContext, cfg: YOPOConfig) -> None:
         super().__init__(ctx)
-        if layer_one_ce not in LAYER_ONE_CE:
-            raise ValueError(f"layer_one_ce must be one of {LAYER_ONE_CE}, got {layer_one_ce!r}")
-        self.eps = eps
-        self.inner_steps = inner_steps
-        self.layer_one_ce = layer_one_ce
-        self.clip_start = clip_start
-        self.lr_divisor = lr_divisor
-        self.layer_one_milestones = list(layer_one_milestones or [])
+        if cfg.layer_one_ce not in LAYER_ONE_CE:
+            raise ValueError(
+                f"layer_one_ce must be one of {LAYER_ONE_CE}, got {cfg.layer_one_ce!r}"
+            )
+        self.cfg = cfg
         model = ctx.model
         self._layer_one: nn.Module = model.layer_one
         self._rest: Callable[[torch.Tensor], torch.Tensor] = model.forward_from_layer_one
@@ -127,7 +169,7 @@ class YOPO(Method):
         self.layer_one_forward = 0
         self.layer_one_backward = 0
         self._layer_one_optimizer = (
-            self._build_layer_one_optimizer() if layer_one_milestones is not None else None
+            self._build_layer_one_optimizer() if cfg.layer_one_milestones is not None else None
         )
 
     # ------------------------------------------------------------------ the algorithm
@@ -137,7 +179,7 @@ class YOPO(Method):
         x, y = batch.x.detach(), batch.y
         m, sigma = control.steps, control.step_size
         self.ctx.model.train()
-        x_adv = random_start(x, self.eps, clip=self.clip_start)
+        x_adv = random_start(x, self.cfg.eps, clip=self.cfg.clip_start)
         self.ctx.optimizer.zero_grad(set_to_none=True)
         if self._layer_one_optimizer is not None:
             self._layer_one_optimizer.zero_grad(set_to_none=True)
@@ -148,8 +190,8 @@ class YOPO(Method):
         self._step()
         b = x.shape[0]
         self.ctx.counter.add(b, forward=m, backward=m)
-        self.layer_one_forward += b * m * (self.inner_steps + 1)
-        self.layer_one_backward += b * m * (self.inner_steps + 1)
+        self.layer_one_forward += b * m * (self.cfg.inner_steps + 1)
+        self.layer_one_backward += b * m * (self.cfg.inner_steps + 1)
         return StepOutput(loss.float() * b, (logits.argmax(1) == y).sum())
 
     def _f0(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +199,8 @@ class YOPO(Method):
         return self._layer_one(x if self._normalize is None else self._normalize(x))
 
     def _ce_into_layer_one(self, repeat: int) -> bool:
-        return self.layer_one_ce == "all" or (self.layer_one_ce == "after_first" and repeat > 0)
+        ce = self.cfg.layer_one_ce
+        return ce == "all" or (ce == "after_first" and repeat > 0)
 
     def _full_pass(
         self, x_adv: torch.Tensor, y: torch.Tensor, ce_into_layer_one: bool
@@ -189,13 +232,14 @@ class YOPO(Method):
         ascent direction.  An unclipped start (``clip_start=false``) is clamped into [0, 1]
         inside f0, as in the reference.
         """
+        eps, clip_start = self.cfg.eps, self.cfg.clip_start
         with frozen_parameters(self._layer_one), torch.enable_grad():
-            for _ in range(self.inner_steps):
+            for _ in range(self.cfg.inner_steps):
                 x_adv.requires_grad_(True)
                 with self.attack_precision():
-                    z = self._f0(x_adv if self.clip_start else x_adv.clamp(0.0, 1.0))
+                    z = self._f0(x_adv if clip_start else x_adv.clamp(0.0, 1.0))
                 (grad,) = torch.autograd.grad(z, x_adv, grad_outputs=grad_z)
-                x_adv = project(signed_step(x_adv.detach(), grad, sigma), x, self.eps)
+                x_adv = project(signed_step(x_adv.detach(), grad, sigma), x, eps)
         return x_adv.detach()
 
     def _hamiltonian_backward(self, x_adv: torch.Tensor, grad_z: torch.Tensor) -> None:
@@ -207,8 +251,9 @@ class YOPO(Method):
     def _step(self) -> None:
         """One optimiser step on the summed gradients, at lr / lr_divisor."""
         optimizer, layer_one_opt = self.ctx.optimizer, self._layer_one_optimizer
+        divisor = float(self.cfg.lr_divisor)  # an int in the config; the step divides by a float
         if layer_one_opt is None:
-            with scaled_lr(optimizer, self.lr_divisor):
+            with scaled_lr(optimizer, divisor):
                 optimizer.step()
             return
         # Layer one has its own optimiser: hide its gradients from the engine's (SGD skips
@@ -217,11 +262,11 @@ class YOPO(Method):
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        with scaled_lr(optimizer, self.lr_divisor):
+        with scaled_lr(optimizer, divisor):
             optimizer.step()
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-        with scaled_lr(layer_one_opt, self.lr_divisor):
+        with scaled_lr(layer_one_opt, divisor):
             layer_one_opt.step()
 
     # ------------------------------------------------------------------ the reference's layer one
@@ -242,7 +287,7 @@ class YOPO(Method):
         del control
         if self._layer_one_optimizer is None:
             return
-        decays = bisect.bisect_right(self.layer_one_milestones, epoch)
+        decays = bisect.bisect_right(self.cfg.layer_one_milestones or [], epoch)
         for group in self._layer_one_optimizer.param_groups:
             group["lr"] = self._layer_one_base_lr * LAYER_ONE_GAMMA**decays
 
@@ -251,7 +296,7 @@ class YOPO(Method):
         """K = m (the repeats Amata anneals), n inner steps, sigma the inner step."""
         if control is None:
             return {}
-        return {"K": control.steps, "n": self.inner_steps, "sigma": control.step_size}
+        return {"K": control.steps, "n": self.cfg.inner_steps, "sigma": control.step_size}
 
     def metrics(self) -> dict[str, float]:
         """Layer-one-only passes so far, per example (cumulative, like ``forward_passes``)."""
@@ -274,16 +319,3 @@ class YOPO(Method):
         self.layer_one_backward = int(state.get("layer_one_backward_passes", 0))
         if self._layer_one_optimizer is not None and "layer_one_optimizer" in state:
             self._layer_one_optimizer.load_state_dict(state["layer_one_optimizer"])
-
-
-def build(cfg: DictConfig, ctx: TrainContext) -> YOPO:
-    milestones = cfg.get("layer_one_milestones")
-    return YOPO(
-        ctx,
-        eps=float(cfg.eps),
-        inner_steps=int(cfg.inner_steps),
-        layer_one_ce=str(cfg.layer_one_ce),
-        clip_start=bool(cfg.clip_start),
-        lr_divisor=float(cfg.lr_divisor),
-        layer_one_milestones=None if milestones is None else [int(m) for m in milestones],
-    )

@@ -34,16 +34,6 @@ __all__ = [
     "build_model",
 ]
 
-MODEL_NAMES: tuple[str, ...] = (
-    "lenet",
-    "smallcnn",
-    "preactresnet18",
-    "resnet18",
-    "resnet50",
-    "wrn28_10",
-    "wrn34_10",
-)
-
 # Each builder takes (num_classes, channels, image_size); not every net needs image_size.
 _Builder = Callable[[int, int, int], nn.Module]
 
@@ -56,6 +46,7 @@ _BUILDERS: dict[str, _Builder] = {
     "wrn28_10": lambda k, c, s: WideResNet(depth=28, widen=10, num_classes=k, channels=c),
     "wrn34_10": lambda k, c, s: WideResNet(depth=34, widen=10, num_classes=k, channels=c),
 }
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)  # what model.name accepts (config/checks.py)
 
 
 def _check_stats(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> None:

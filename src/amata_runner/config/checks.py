@@ -1,10 +1,8 @@
-"""Config schemas (registered in Hydra's ConfigStore) and the range checks Hydra cannot express.
+"""Range and consistency checks of a normalised run config: they read, they never write.
 
-Each YAML option in ``conf/`` lists its schema first, so a typo'd key or a wrong type fails while
-the config is composed.  Ranges and cross-field rules (K_min <= K_max, eps > 0, ...) are checked by
-:func:`validate`, which raises :class:`~amata_runner.errors.ConfigError` naming the key, the value
-and what is allowed.  Budgets may be typed as fractions (``method.eps=8/255``), so those fields are
-``Any`` in the schema and turned into floats by :func:`resolve_config`.
+Each raises a one-line :class:`~amata_runner.errors.ConfigError` naming the key, the value and
+what is allowed.  They run on the output of ``normalise.py`` (interpolations resolved, fraction
+budgets already floats, derived defaults filled), so what they check is what the run will use.
 """
 
 from __future__ import annotations
@@ -12,13 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from amata_runner import method_configs
 from amata_runner.checks import (
     at_least,
     at_most,
@@ -28,310 +22,39 @@ from amata_runner.checks import (
     require,
     whole_number,
 )
-from amata_runner.control.criterion_config import CriterionConfig, check_criterion
+from amata_runner.config.names import (
+    ADAPTIVE_MODES,
+    ADAPTIVE_RULES,
+    AUGMENTS,
+    DATASETS,
+    DIGITS_IMAGES,
+    FOLDER_DATASETS,
+    IN_MEMORY_IMAGES,
+    KNOWN_CLASS_COUNTS,
+    LOGGERS,
+    LR_SCHEDULES,
+    MAX_BATCH,
+    MAX_DATASET_BYTES,
+    MAX_EPOCHS,
+    NAME_PATTERN,
+    NONFINITE_MODES,
+    PRECISIONS,
+    SCHEDULES,
+    UNITS,
+    WANDB_MODES,
+)
+from amata_runner.config.schema import RunConfig, register_methods
+from amata_runner.control.criterion_config import check_criterion
 from amata_runner.errors import ConfigError
-
-FOLDER_DATASETS = ("caltech256", "imagenet")  # image folders decoded by DataLoader workers
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", *FOLDER_DATASETS)
-MODELS = ("lenet", "smallcnn", "preactresnet18", "resnet18", "resnet50", "wrn28_10", "wrn34_10")
-SCHEDULES = ("constant", "linear", "exponential", "step", "adaptive")
-ADAPTIVE_MODES = ("monotone", "free")
-ADAPTIVE_RULES = ("adequacy", "hamiltonian")
-LR_SCHEDULES = ("constant", "multistep", "cosine", "cyclic")
-LOGGERS = ("jsonl", "wandb", "tensorboard")
-PRECISIONS = ("auto", "fp32", "bf16", "bf16_update")  # what each means: precision.py
-NONFINITE_MODES = ("stop", "skip")
-AUGMENTS = ("none", "crop_flip", "random_resized_crop")
-UNITS = ("epoch", "iteration")
-
-
-# --------------------------------------------------------------------------- schemas
-@dataclass
-class ThreatConfig:
-    """The dataset's customary L-inf threat model, used as the default of every attack."""
-
-    eps: Any = 0.3
-    step_size: Any = 0.01
-    steps: int = 40
-
-
-@dataclass
-class RecipeConfig:
-    """The dataset's customary training recipe (the paper's Appendix A where it has one)."""
-
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    lr_milestones: list[int] = field(default_factory=list)
-    target_robust_errors: list[float] = field(default_factory=list)
-    cyclic_lr: float = 0.2  # peak of the cyclic (Fast) LR schedule
-    # eval.validation.size's default: training images held out to choose checkpoints on
-    validation: Any = 1000
-
-
-@dataclass
-class DatasetConfig:
-    name: str = MISSING
-    root: str = "${paths.data_dir}"
-    download: bool = False
-    num_classes: int = 10
-    channels: int = 1
-    image_size: int = 28
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    augment: str = "none"
-    threat: ThreatConfig = field(default_factory=ThreatConfig)
-    recipe: RecipeConfig = field(default_factory=RecipeConfig)
-
-
-@dataclass
-class DigitsConfig(DatasetConfig):
-    test_fraction: float = 0.2
-    split_seed: int = 0
-
-
-@dataclass
-class SyntheticConfig(DatasetConfig):
-    num_train: int = 2048
-    num_test: int = 512
-    seed: int = 0
-
-
-@dataclass
-class FolderDatasetConfig(DatasetConfig):
-    """Image folders decoded by DataLoader workers (data/folders.py, data/streaming.py)."""
-
-    resize_size: int = 256
-    workers: int = 8
-    pin_memory: bool = True
-    persistent_workers: bool = True
-    prefetch_factor: int = 2
-    drop_last: bool = False
-
-
-@dataclass
-class Caltech256Config(FolderDatasetConfig):
-    test_fraction: float = 0.2
-    split_seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    normalize: bool = True
-
-
-@dataclass
-class ScheduleConfig:
-    """How the inner-loop control (K, alpha = tau / K) moves with training progress."""
-
-    name: str = "constant"
-    k_min: Any = "${oc.select:method.steps,1}"  # an integer; schedule=adaptive also takes "auto"
-    k_max: int = "${oc.select:method.steps,1}"  # type: ignore[assignment]
-    tau: Any = None
-    eta: float = 1.0
-    unit: str = "epoch"
-    endpoint: str = "paper"
-    switch: int = 0
-    # schedule=adaptive only (adaptive.py, conf/schedule/adaptive.yaml says what each key means).
-    rule: str = "adequacy"
-    epsilon: float = 0.05
-    budget: float = 0.05
-    gamma: float = 0.04
-    candidates: list[int] | None = None
-    every: Any = "auto"  # an integer, or auto (spaced so the probe costs at most `budget`)
-    mode: str = "monotone"
-    probe_batches: int = 2
-    probe_batch_size: int | None = None
-    probe_seed: int = 0
-
-
-@dataclass
-class OptimConfig:
-    name: str = "sgd"
-    lr: float = "${dataset.recipe.lr}"  # type: ignore[assignment]
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    lr_schedule: str = "multistep"
-    milestones: list[int] = "${dataset.recipe.lr_milestones}"  # type: ignore[assignment]
-    gamma: float = 0.1
-    cycle_momentum: bool = False
-
-
-@dataclass
-class EvalAttackConfig:
-    """An L-inf PGD evaluation attack (cross-entropy, eval-mode model, fp32)."""
-
-    steps: int = 20
-    step_size: Any = "${dataset.threat.step_size}"
-    eps: Any = "${dataset.threat.eps}"
-    random_start: bool = True
-
-
-@dataclass
-class FinalThreatConfig:
-    eps: Any = "${dataset.threat.eps}"
-    step_size: Any = "${dataset.threat.step_size}"
-
-
-@dataclass
-class ValidationConfig:
-    """Training images held out to choose best.ckpt on (data/validation.py): a count, a fraction
-    of the training split, or 0 (none: no best.ckpt); drawn per class by ``seed``."""
-
-    size: Any = "${dataset.recipe.validation}"
-    seed: int = 0
-
-
-@dataclass
-class EvalConfig:
-    every: int = 1
-    unit: str = "epoch"
-    subset: int = 1000
-    batch_size: int = 500
-    seed: int = 0
-    attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
-    final: bool = True
-    # The final evaluation on the whole test set: attack names (attacks/suite.py's grammar: clean,
-    # pgd<K>, pgd<K>x<R>, cw_inf, cw_l2, autoattack) under the threat model final_threat.
-    final_attacks: list[str] = field(default_factory=lambda: ["pgd20"])
-    final_threat: FinalThreatConfig = field(default_factory=lambda: FinalThreatConfig())
-    # The optimal-control criterion C (paper eq. 14) at epoch ends: criterion_config.py.
-    criterion: CriterionConfig = field(default_factory=CriterionConfig)
-    target_robust_errors: list[float] = "${dataset.recipe.target_robust_errors}"  # type: ignore[assignment]
-    target_clean_errors: list[float] = field(default_factory=list)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-
-
-@dataclass
-class JsonlLoggerConfig:
-    """metrics.jsonl is always written; this option adds nothing else."""
-
-    name: str = "jsonl"
-
-
-@dataclass
-class WandbLoggerConfig:
-    name: str = "wandb"
-    project: str = "amata-runner"
-    entity: str | None = None
-    mode: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class TensorboardLoggerConfig:
-    """TensorBoard event files in <run dir>/tensorboard/, on top of metrics.jsonl."""
-
-    name: str = "tensorboard"
-
-
-@dataclass
-class PathsConfig:
-    data_dir: str = "data"
-    output_dir: str = "outputs"
-
-
-@dataclass
-class RunConfig:
-    """The root: groups are filled by the defaults list; the rest are run-level switches."""
-
-    dataset: Any = MISSING
-    model: Any = MISSING
-    method: Any = MISSING
-    schedule: Any = MISSING
-    optim: Any = MISSING
-    eval: Any = MISSING
-    logger: Any = MISSING
-    paths: Any = MISSING
-    name: str = "run"
-    seed: int = 0
-    epochs: int = "${dataset.recipe.epochs}"  # type: ignore[assignment]
-    batch_size: int = "${dataset.recipe.batch_size}"  # type: ignore[assignment]
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False  # torch.compile of the training step's forward/backward (precision.py)
-    deterministic: bool = False
-    # true: continue last.ckpt; auto: continue it when there is one, else start (cluster
-    # requeues, which rerun the same command line); false: refuse to touch an existing run.
-    resume: Any = False
-    progress: bool | None = None
-    save_best: bool = True
-    # Free-form blocks of experiment configs (conf/experiment): the published numbers a run is
-    # compared with, and how amata-report tabulates it. The runner itself does not read them.
-    paper: Any = None
-    report: Any = None
-    nonfinite: str = "stop"  # a NaN/Inf loss: stop (keep the last good checkpoint) or skip the step
-    # nonfinite=skip fails the run once more than this fraction of its optimiser steps was refused
-    nonfinite_skip_limit: float = 0.25
-
-
-def register_schemas() -> None:
-    """Store the schemas where the YAML defaults lists look for them (``/schema/<group>``)."""
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    groups: dict[str, dict[str, type]] = {
-        "dataset": {
-            "digits": DigitsConfig,
-            "synthetic": SyntheticConfig,
-            "caltech256": Caltech256Config,
-            "imagenet": FolderDatasetConfig,
-            "base": DatasetConfig,
-        },
-        "model": {"base": ModelConfig},
-        "method": _method_schemas(),
-        "schedule": {"base": ScheduleConfig},
-        "optim": {"sgd": OptimConfig},
-        "eval": {"base": EvalConfig},
-        "logger": {
-            "jsonl": JsonlLoggerConfig,
-            "wandb": WandbLoggerConfig,
-            "tensorboard": TensorboardLoggerConfig,
-        },
-        "paths": {"base": PathsConfig},
-    }
-    for group, options in groups.items():
-        for name, node in options.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
-
-
-def _method_schemas() -> dict[str, type]:
-    """Each registered method's typed config (methods/registry.py)."""
-    from amata_runner.methods.registry import base_specs
-
-    _register_methods()
-    schemas = {spec.name: spec.config for spec in base_specs()}
-    return {**method_configs.SCHEMAS, **schemas}  # TRANSITION
-
-
-def _register_methods() -> None:
-    """Import the methods package, whose modules register themselves (this loads torch, so it
-    happens only once a config is composed or checked, never when this module is imported)."""
-    import amata_runner.methods  # noqa: F401
-
-
-def resolve_config(cfg: DictConfig) -> DictConfig:
-    """Resolve interpolations, turn fractions into floats and check every range; return the copy.
-
-    Working on a resolved copy means every later reader sees plain numbers, and the run's saved
-    config records exactly the values that were used.
-    """
-    try:
-        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    except Exception as exc:  # an interpolation to a key that does not exist
-        raise ConfigError(getattr(exc, "full_key", "config"), "", str(exc).splitlines()[0]) from exc
-    with open_dict(resolved):
-        validate(resolved)
-    return resolved
 
 
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks; fraction budgets are replaced by floats in place."""
     _check_run(cfg)
     _check_dataset(cfg)
-    require(cfg.model.name in MODELS, "model.name", cfg.model.name, "allowed: " + ", ".join(MODELS))
+    from amata_runner.models import MODEL_NAMES  # the builders' registry (imports torch)
+
+    one_of(cfg, "model.name", MODEL_NAMES)
     _check_method_and_schedule(cfg)
     _check_optim(cfg)
     _check_eval(cfg)
@@ -358,24 +81,6 @@ def validate(cfg: DictConfig) -> None:
             "tensorboard is not installed; pip install 'amata-runner[tensorboard]' or use "
             "logger=jsonl",
         )
-
-
-# Facts about the built-in datasets, for checks made before any data is loaded.
-KNOWN_CLASS_COUNTS = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
-DIGITS_IMAGES = 1797
-IN_MEMORY_IMAGES = {
-    "digits": DIGITS_IMAGES,
-    "mnist": 70_000,
-    "fashion_mnist": 70_000,
-    "cifar10": 60_000,
-}
-
-# Upper bounds that only catch typos (an extra zero or two): no real run comes near them.
-MAX_EPOCHS = 100_000
-MAX_BATCH = 1 << 20
-MAX_DATASET_BYTES = 1 << 36  # 64 GiB of uint8 images for a generated (synthetic) dataset
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.,+=@-]{0,99}"
-WANDB_MODES = ("online", "offline", "disabled", "shared")
 
 
 def _check_run(cfg: DictConfig) -> None:
@@ -519,13 +224,10 @@ def _physical_memory() -> int | None:
 def _check_method_and_schedule(cfg: DictConfig) -> None:
     from amata_runner.methods.registry import method_names, method_spec
 
-    _register_methods()
+    register_methods()
     one_of(cfg, "method.name", method_names())
     spec = method_spec(cfg.method.name)
     spec.check(cfg)
-    check = method_configs.CHECKS.get(spec.name)  # TRANSITION
-    if check is not None and not hasattr(spec.config, "check"):
-        check(cfg)
     if not spec.scheduled:
         return
 
@@ -533,13 +235,14 @@ def _check_method_and_schedule(cfg: DictConfig) -> None:
     one_of(cfg, "schedule.unit", UNITS)
     one_of(cfg, "schedule.endpoint", ("paper", "inclusive"))
     adaptive = cfg.schedule.name == "adaptive"
-    k_min, k_max = cfg.schedule.k_min, cfg.schedule.k_max
+    knob, k_max = spec.method.knob, spec.k_max(cfg)
+    k_min = cfg.schedule.k_min
     if not (adaptive and k_min == "auto"):
         whole_number(cfg, "schedule.k_min", "an integer >= 1" + (" or auto" if adaptive else ""))
         at_least(cfg, "schedule.k_min", 1)
-    at_least(cfg, "schedule.k_max", 1)
     if k_min != "auto":
-        require(k_min <= k_max, "schedule.k_min", k_min, f"must be <= schedule.k_max ({k_max})")
+        towards = f"method.{knob}" if knob else f"{spec.name} anneals no K, which stays 1"
+        require(k_min <= k_max, "schedule.k_min", k_min, f"must be <= {k_max} ({towards})")
     if cfg.schedule.tau is not None:
         positive_budget(cfg, "schedule.tau")
     if cfg.schedule.name == "exponential":
@@ -590,13 +293,6 @@ def _check_folder_dataset(cfg: DictConfig) -> None:
     if ds.name == "caltech256":
         fraction = ds.test_fraction
         require(0 < fraction < 1, "dataset.test_fraction", fraction, "must be in (0, 1)")
-    require(
-        cfg.method.name not in ("atta", "amata_atta"),
-        "method.name",
-        cfg.method.name,
-        "ATTA keeps a perturbation per training image in the un-augmented frame: not available "
-        "for caltech256/imagenet",
-    )
     for key, enabled in (
         ("eval.criterion.enabled", cfg.eval.criterion.enabled),
         ("schedule.name", cfg.schedule.name == "adaptive"),
@@ -629,7 +325,7 @@ def _check_adaptive(cfg: DictConfig) -> None:
             len(candidates) > 0 and all(isinstance(k, int) and k >= 1 for k in candidates),
             "schedule.candidates",
             candidates,
-            "a non-empty list of integers >= 1 (null: k_min..k_max)",
+            "a non-empty list of integers >= 1 (null: k_min up to the method's K)",
         )
 
 
