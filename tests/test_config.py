@@ -138,3 +138,35 @@ def test_inspection_flags_are_left_to_hydra() -> None:
 def test_unknown_key_fails_at_composition() -> None:
     with pytest.raises(Exception, match="stepz"):
         compose_raw(["method.stepz=3"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "method=pgd,amata", "seed=range(3)", "epochs=1"],
+        ["-m", "experiment=paper_table2_cifar10", "+experiment@_global_=paper_table2_cifar10_pgd2"],
+        ["-m", "experiment=paper_appendix_b2_mnist", "seed=0,1", "~logger"],
+        ["--multirun", "schedule=linear,exponential", "schedule.eta=0.5,1"],
+    ],
+)
+def test_preflight_forms_the_jobs_hydras_basic_sweeper_forms(argv: list[str]) -> None:
+    """The pre-flight check uses only Hydra's public API; it must form the very jobs (same
+    overrides, same order) that the basic sweeper, a private class, will run."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the reference only
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from amata_runner.cli.preflight import experiment_grid, job_overrides
+
+    parser = OverridesParser.create()
+    overrides = [a for a in argv if not a.startswith("-")]
+    grid = experiment_grid(config_dir(), parser.parse_overrides(overrides))
+    expected = BasicSweeper.split_arguments(parser.parse_overrides(grid + overrides), None)
+    assert job_overrides(argv, config_dir()) == [job for batch in expected for job in batch]
+
+
+def test_preflight_leaves_inspection_flags_to_hydra() -> None:
+    from amata_runner.cli.preflight import job_overrides
+
+    for argv in (["--cfg", "job"], ["--help"], ["-m", "--info"], ["--config-dir", "x", "epochs=1"]):
+        assert job_overrides(argv, config_dir()) is None
+    assert job_overrides(["-r", "epochs=2"], config_dir()) == [["epochs=2"]]

@@ -80,16 +80,17 @@ def _split_argv(argv: list[str]) -> tuple[bool, list[str]] | None:
 
 
 def _grid(parsed: list[Override]) -> list[list[str]]:
-    """Every job of a sweep, as Hydra's basic sweeper forms them: the product of the sweeps'
-    values in command-line order, the fixed overrides in every job."""
-    axes = [
-        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-        if o.is_sweep_override()
-        else [o.input_line]
-        for o in parsed
-        if o.input_line
-    ]
-    return [list(job) for job in itertools.product(*axes)]
+    """Every job of a sweep, as Hydra's basic sweeper forms them: one axis per key (a later
+    override of a key replaces an earlier one in its place, so the command line beats the
+    config's own ``hydra.sweeper.params``), and the product of the axes."""
+    axes: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            axes[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
+        else:
+            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*axes.values())]
 
 
 def experiment_grid(conf_dir: str, parsed: list[Override]) -> list[str]:
