@@ -443,7 +443,7 @@ def test_bad_sizes_and_augment_name_their_key(caltech: DictConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Through the composed config (needs the schemas in config.py)
+# Through the composed config (needs the schemas in config/schema.py)
 # --------------------------------------------------------------------------------------------------
 
 SMALL = ["dataset.num_classes=3", "dataset.image_size=16", "dataset.resize_size=20"]

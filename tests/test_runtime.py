@@ -1,4 +1,4 @@
-"""The set-up every CLI shares (runtime.py) and the one schedule protocol the engine relies on."""
+"""The set-up every CLI shares (runtime/device.py) and the one schedule protocol the engine relies on."""
 
 from __future__ import annotations
 

@@ -73,6 +73,17 @@ def whole_number(cfg: DictConfig, key: str, allowed: str) -> None:
     require(isinstance(value, int) and not isinstance(value, bool), key, value, allowed)
 
 
+def increasing_epochs(cfg: DictConfig, key: str) -> None:
+    """A list of milestones: strictly increasing positive epochs (LR steps, FAT's tau steps)."""
+    milestones = list(OmegaConf.select(cfg, key))
+    require(
+        all(m > 0 for m in milestones) and milestones == sorted(set(milestones)),
+        key,
+        milestones,
+        "must be strictly increasing positive epochs",
+    )
+
+
 def at_least(cfg: DictConfig, key: str, low: int | float) -> None:
     value = OmegaConf.select(cfg, key)
     require(value >= low, key, value, f"must be >= {low}")

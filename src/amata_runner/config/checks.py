@@ -17,6 +17,7 @@ from amata_runner.checks import (
     at_least,
     at_most,
     finite,
+    increasing_epochs,
     one_of,
     positive_budget,
     require,
@@ -49,7 +50,7 @@ from amata_runner.errors import ConfigError
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range and consistency checks; fraction budgets are replaced by floats in place."""
+    """Range and consistency checks of a normalised config; they read and never write."""
     _check_run(cfg)
     _check_dataset(cfg)
     from amata_runner.models import MODEL_NAMES  # the builders' registry (imports torch)
@@ -261,13 +262,7 @@ def _check_optim(cfg: DictConfig) -> None:
     require(0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)")
     at_least(cfg, "optim.weight_decay", 0)
     one_of(cfg, "optim.lr_schedule", LR_SCHEDULES)
-    milestones = list(cfg.optim.milestones)
-    require(
-        all(m > 0 for m in milestones) and milestones == sorted(set(milestones)),
-        "optim.milestones",
-        milestones,
-        "must be strictly increasing positive epochs",
-    )
+    increasing_epochs(cfg, "optim.milestones")
     require(0 < cfg.optim.gamma <= 1, "optim.gamma", cfg.optim.gamma, "must be in (0, 1]")
 
 

@@ -125,7 +125,7 @@ class FastConfig:
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
-        """Budgets positive (fractions resolved), step_size derived, the fixed start non-zero."""
+        """Budgets positive, the fixed start non-zero, the early-stop settings in range."""
         positive_budget(cfg, "method.eps", upper=1.0)
         m = cfg.method
         require(m.step_ratio > 0, "method.step_ratio", m.step_ratio, "must be > 0")

@@ -56,7 +56,14 @@ from omegaconf import DictConfig
 from amata_runner.attacks.early_stop import early_stopped_pgd
 from amata_runner.attacks.linf import random_start
 from amata_runner.attacks.pgd import attack_mode
-from amata_runner.checks import ATTACK_BN_MODES, at_least, check_attack, one_of, require
+from amata_runner.checks import (
+    ATTACK_BN_MODES,
+    at_least,
+    check_attack,
+    increasing_epochs,
+    one_of,
+    require,
+)
 from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import StepOutput, TrainContext
@@ -135,18 +142,12 @@ class FATConfig:
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
-        """Validate ``cfg.method`` in place (fraction budgets become floats)."""
+        """The ranges of ``cfg.method`` (budgets are floats already: config/normalise.py)."""
         check_attack(cfg, attack_bn=False)
         at_least(cfg, "method.tau", 0)
         omega = cfg.method.omega
         require(omega >= 0, "method.omega", omega, "must be >= 0")
-        milestones = list(cfg.method.tau_milestones)
-        require(
-            all(m > 0 for m in milestones) and milestones == sorted(set(milestones)),
-            "method.tau_milestones",
-            milestones,
-            "must be strictly increasing positive epochs",
-        )
+        increasing_epochs(cfg, "method.tau_milestones")
         one_of(cfg, "method.attack_bn", ATTACK_BN_MODES)
 
 
