@@ -10,6 +10,7 @@ below are the file format: checkpoints written by earlier versions must keep loa
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -86,7 +87,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
             if k.split(".")[0] not in RESUME_FREE_KEYS and k not in RESUME_CHANGEABLE_KEYS
         }
 
-    old, new = comparable(saved), comparable(current)
+    old, new = comparable(upgrade_saved_config(saved)), comparable(current)
     diffs = [
         f"{k}={json.dumps(new.get(k))} (checkpoint: {json.dumps(old.get(k))})"
         for k in sorted(set(old) | set(new))
@@ -98,6 +99,35 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
             True,
             "the checkpoint was trained with other settings: " + "; ".join(diffs[:3]),
         )
+
+
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config rewritten in today's keys, so a run started by an older version
+    resumes (and a changed setting is still refused).
+
+    ``schedule.k_max`` no longer exists: K_max is the method's own key (``Method.knob``, e.g.
+    ``method.steps``).  Older runs annealed towards ``schedule.k_max``, so its value moves there.
+    """
+    schedule = saved.get("schedule")
+    if not isinstance(schedule, dict) or "k_max" not in schedule:
+        return saved
+    upgraded = copy.deepcopy(saved)
+    k_max = upgraded["schedule"].pop("k_max")
+    method = upgraded.get("method") or {}
+    knob = _knob(method.get("name"))
+    if knob is not None:
+        method[knob] = k_max
+    return upgraded
+
+
+def _knob(name: Any) -> str | None:
+    """The key a method's schedule anneals (None: unknown method, or one without a K)."""
+    from amata_runner.methods.registry import method_names, method_spec
+
+    if name not in method_names():
+        return None
+    knob: str | None = method_spec(name).method.knob
+    return knob if method_spec(name).scheduled else None
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
