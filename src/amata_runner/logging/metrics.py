@@ -11,13 +11,14 @@ spreadsheets; the JSONL file is the source of truth.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from amata_runner.runtime.run_dir import storage_error
+from amata_runner.runtime.run_dir import replace_file, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,9 @@ def read_rows_and_rejects(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Replace ``path`` whole; a failed write (full disk) is a StorageError, the old file kept."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        replace_file(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise storage_error(path, exc) from exc
 
 
@@ -117,16 +111,9 @@ class MetricsFile:
         )
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                for row in self.rows:
-                    handle.write(json.dumps(row) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            replace_file(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise storage_error(self.path, exc, "its previous rows were kept") from exc
 
     def log(self, row: dict[str, Any]) -> None:
@@ -150,15 +137,13 @@ class MetricsFile:
         columns: list[str] = []
         for row in self.rows:
             columns.extend(k for k in row if k not in columns)
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
         try:
-            with open(tmp, "w", encoding="utf-8", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(self.rows)
-            os.replace(tmp, self.csv_path)
+            replace_file(self.csv_path, text.getvalue())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise storage_error(self.csv_path, exc) from exc
 
     def close(self) -> None:

@@ -64,31 +64,28 @@ from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
 from amata_runner.methods.registry import register_method
+from amata_runner.methods.settings import AttackSettings
 
 
 @dataclass
-class ATTAConfig:
-    """ATTA-K: steps/step_size of the per-batch attack, the reset period, the stored-state init."""
+class ATTAConfig(AttackSettings):
+    """ATTA-K: steps/step_size of the per-batch attack, the reset period, the stored-state init.
+
+    eps: the threat model's (ATTA: 0.031 on CIFAR10, 0.3 on MNIST).  ``steps``, ATTA-K, the PGD
+    steps per batch from the stored start: the threat model's K (MNIST 40 = the reference's
+    ATTA-40, CIFAR10 10 = its argparse default ATTA-10); ATTA-1 / ATTA-3 are method.steps=1
+    method.step_size=0.015 / method.steps=3 method.step_size=0.01 (reference CIFAR).
+    ``step_size``: the threat model's (MNIST 0.01 as the reference; CIFAR10 2/255 where the
+    reference's ATTA-10 uses 0.007).  ``attack_bn``: eval, as the reference (model.eval()).
+    """
 
     name: str = "atta"
-    # L-inf radius; the dataset's threat model (ATTA: 0.031 on CIFAR10, 0.3 on MNIST).
-    eps: Any = "${dataset.threat.eps}"
-    # ATTA-K: PGD steps per batch from the stored start. The threat model's K by default (MNIST 40
-    # = the reference's ATTA-40, CIFAR10 10 = its argparse default ATTA-10); ATTA-1 / ATTA-3 are
-    # method.steps=1 method.step_size=0.015 / method.steps=3 method.step_size=0.01 (reference
-    # CIFAR).
-    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
-    # Attack step size; the threat model's (MNIST 0.01 as the reference; CIFAR10 2/255 where the
-    # reference's ATTA-10 uses 0.007).
-    step_size: Any = "${dataset.threat.step_size}"
     # Reset period R in epochs (the schedule's K_max): the reference CIFAR default 10 (epochs
     # 10, 20, 30 of 38). The MNIST reference never resets: set it above `epochs` for that.
     reset: int = 10
     # Std of the Gaussian noise the stored perturbations start from (and restart from at a reset):
     # the reference's clean + 0.001 * N(0, 1); 0 starts from the clean images.
     init_std: float = 0.001
-    # BatchNorm mode during the attack: eval, as the reference (model.eval() in its attack).
-    attack_bn: str = "eval"
     # Reference-code quirk (CIFAR "mat" loss only): (1/B) * mean CE, i.e. the data gradient is
     # divided by the batch size a second time (weight decay is not). false = the paper's mean CE.
     extra_batch_division: bool = False

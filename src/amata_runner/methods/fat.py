@@ -48,7 +48,6 @@ reference always has.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -69,6 +68,7 @@ from amata_runner.data.loader import Batch
 from amata_runner.methods.base import StepOutput, TrainContext
 from amata_runner.methods.registry import register_method
 from amata_runner.methods.running import MeasuredMethod, RunningMeans
+from amata_runner.methods.settings import AttackSettings
 
 REFERENCE_MILESTONES = (50, 90)
 
@@ -114,16 +114,15 @@ class FATRule:
 
 
 @dataclass
-class FATConfig:
-    """Early-stopped PGD: an example stops tau_t steps after it is first misclassified."""
+class FATConfig(AttackSettings):
+    """Early-stopped PGD: an example stops tau_t steps after it is first misclassified.
+
+    eps, K (``steps``, the most PGD steps) and alpha: the dataset's threat model (the reference,
+    CIFAR/SVHN only: eps 0.031, --num-steps 10, --step-size 0.007).  ``attack_bn``: eval, as
+    earlystop.py sets it.
+    """
 
     name: str = "fat"
-    # L-inf radius; the dataset's threat model (reference, CIFAR/SVHN only: 0.031)
-    eps: Any = "${dataset.threat.eps}"
-    # K, the most PGD steps; the dataset's threat model (reference: --num-steps 10)
-    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
-    # alpha; the dataset's threat model (reference: --step-size 0.007)
-    step_size: Any = "${dataset.threat.step_size}"
     # start at x + U(-eps, eps); reference --random (a type=bool flag, so always on there); false
     # starts at the clean image (the flag's intended meaning)
     random_start: bool = True
@@ -137,8 +136,6 @@ class FATConfig:
     # 1-based epochs after which tau_t grows by 1: the reference's adjust_tau(epoch + 1) gives 0
     # for epochs 1-50, 1 for 51-90, 2 after (of 120); scale them for shorter runs
     tau_milestones: list[int] = field(default_factory=lambda: [50, 90])
-    # BatchNorm mode during the attack; eval, as earlystop.py sets it
-    attack_bn: str = "eval"
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -68,6 +68,7 @@ from amata_runner.data.loader import Batch
 from amata_runner.methods.base import StepOutput, TrainContext
 from amata_runner.methods.registry import register_method
 from amata_runner.methods.running import MeasuredMethod, RunningMeans
+from amata_runner.methods.settings import AttackSettings
 
 FOSC_ORIGINS = ("clean", "start")
 
@@ -111,12 +112,14 @@ class FOSCRule:
 
 
 @dataclass
-class FOSCConfig:
-    """Early-stopped PGD: an example stops once its FOSC falls to c_t, c_t: c_max -> 0 linearly."""
+class FOSCConfig(AttackSettings):
+    """Early-stopped PGD: an example stops once its FOSC falls to c_t, c_t: c_max -> 0 linearly.
+
+    eps: the dataset's threat model (the reference, CIFAR only: 0.031).  ``attack_bn``: eval =
+    Keras inference mode, as in the reference.
+    """
 
     name: str = "fosc"
-    # L-inf radius; the dataset's threat model (reference, CIFAR only: 0.031)
-    eps: Any = "${dataset.threat.eps}"
     # K, the most PGD steps per example; the reference's nb_iter=10 (hard-coded for any dataset)
     steps: int = 10
     # alpha; None: eps / 4, the reference's eps_iter=epsilon/4 (CIFAR: 2/255, digits: 0.05)
@@ -138,8 +141,6 @@ class FOSCConfig:
     # reference loop does after its last step; false saves it and logs FOSC at x^{K-1} for the
     # examples still running
     final_fosc: bool = True
-    # BatchNorm mode during the attack; eval = Keras inference mode, as in the reference
-    attack_bn: str = "eval"
 
     @staticmethod
     def normalise(cfg: DictConfig) -> None:

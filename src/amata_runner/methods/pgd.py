@@ -14,7 +14,6 @@ objective, not the YOPO code's adversarial + clean sum).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -24,18 +23,15 @@ from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
 from amata_runner.methods.registry import register_method
+from amata_runner.methods.settings import AttackSettings
 
 
 @dataclass
-class PGDConfig:
+class PGDConfig(AttackSettings):
     """Madry PGD-K training; ``steps``/``step_size`` are the baseline control K, alpha."""
 
     name: str = "pgd"
-    eps: Any = "${dataset.threat.eps}"
-    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]
-    step_size: Any = "${dataset.threat.step_size}"
     random_start: bool = True
-    attack_bn: str = "eval"
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -27,7 +27,6 @@ what the schedule drives, so ``amata_trades`` anneals them as Amata anneals PGD.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from amata_runner.control.schedules import Control
 from amata_runner.data.loader import Batch
 from amata_runner.methods.base import Method, StepOutput, TrainContext
 from amata_runner.methods.registry import register_method
+from amata_runner.methods.settings import AttackSettings
 
 
 def kl_sum(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -47,16 +47,15 @@ def kl_sum(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class TradesConfig:
-    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL."""
+class TradesConfig(AttackSettings):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL.
+
+    ``steps`` is the K of the KL attack; ``attack_bn``: eval, as the reference (model.eval()).
+    """
 
     name: str = "trades"
-    eps: Any = "${dataset.threat.eps}"
-    steps: int = "${dataset.threat.steps}"  # type: ignore[assignment]  # K of the attack
-    step_size: Any = "${dataset.threat.step_size}"
     beta: float = 6.0  # weight of the KL term (the papers' CIFAR-10 value)
     start_std: float = 0.001  # the attack starts at x + N(0, start_std^2), as the reference
-    attack_bn: str = "eval"  # BatchNorm mode during the attack (the reference: model.eval())
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -140,6 +140,22 @@ def refuse_fresh_start_over_results(run_dir: Path) -> None:
         )
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path``, fsync it and rename it over ``path``: a reader sees the old
+    file or the new one, never a part.  On failure the temporary file is removed and the
+    ``OSError`` raised (the callers decide what a full disk means for their file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:  # the text's own newlines
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     try:
         status = json.loads((run_dir / STATUS).read_text(encoding="utf-8"))
@@ -158,16 +174,10 @@ def write_status(run_dir: Path, status: str, error: str | None = None, **extra: 
     payload.update(extra)
     text = json.dumps(payload, indent=2) + "\n"
     path = run_dir / STATUS
-    tmp = run_dir / f".{STATUS}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        replace_file(path, text)
         return
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if not path.exists():
             raise storage_error(path, exc, "nothing else was changed") from exc
         first = exc
