@@ -46,8 +46,8 @@ def test_bf16_attack_stays_in_the_threat_model() -> None:
 def test_amata_trains_on_cuda_with_bf16_and_channels_last(tmp_path: Path) -> None:
     cfg = compose_resolved([*FAST, *CIFAR_SHAPED, "device=cuda"])
     trainer = Trainer(cfg, tmp_path)
-    assert trainer.precision == "bf16"
-    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert trainer.parts.precision == "bf16"
+    conv = next(m for m in trainer.parts.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     summary = trainer.run()
     assert summary["device"].startswith("cuda")

@@ -77,7 +77,7 @@ def test_amata_trains_compiled_on_cuda(tmp_path: Path) -> None:
     """PreActResNet18, CUDA graphs, the CUDA default precision: trains and evaluates."""
     cfg = compose_resolved([*FAST, *CIFAR_SHAPED, "method=amata", "compile=true"])
     trainer = Trainer(cfg, tmp_path)
-    assert trainer.precision in ("bf16", "bf16_update")
+    assert trainer.parts.precision in ("bf16", "bf16_update")
     summary = trainer.run()
     assert summary["train_seconds"] > 0
     assert 0 <= summary["final"]["clean_accuracy"] <= 1

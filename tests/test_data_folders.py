@@ -505,25 +505,25 @@ def test_a_caltech256_run_trains_evaluates_and_resumes_mid_epoch(tmp_path: Path)
 
     reference = trainer(tmp_path / "ref")
     summary = reference.run()
-    assert summary["final"]["examples"] == len(reference.test_set)
-    assert summary["iterations"] == 2 * len(reference.loader)
+    assert summary["final"]["examples"] == len(reference.parts.test_set)
+    assert summary["iterations"] == 2 * len(reference.parts.loader)
 
     stopped = trainer(tmp_path / "cut")
-    original = stopped.method.train_batch
+    original = stopped.parts.method.train_batch
     calls = {"n": 0}
 
     def train_batch(batch: Any, control: Any) -> Any:
         out = original(batch, control)
         calls["n"] += 1
-        if calls["n"] == len(reference.loader) + 2:  # inside epoch 2
+        if calls["n"] == len(reference.parts.loader) + 2:  # inside epoch 2
             stopped.stop.signum = 15
         return out
 
-    stopped.method.train_batch = train_batch  # type: ignore[method-assign]
+    stopped.parts.method.train_batch = train_batch  # type: ignore[method-assign]
     with pytest.raises(Preempted):
         stopped.run()
     resumed = trainer(tmp_path / "cut", "resume=true")
     again = resumed.run()
     assert again["final"] == summary["final"]
-    ours, theirs = resumed.model.state_dict(), reference.model.state_dict()
+    ours, theirs = resumed.parts.model.state_dict(), reference.parts.model.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -92,13 +92,13 @@ def test_a_toy_method_from_a_test_module_trains_under_amata(toy: type, tmp_path:
     assert cfg.method.steps == 3  # the YAML lists no key: the dataclass's defaults
     trainer = Trainer(cfg, tmp_path)
     summary = trainer.run()
-    assert isinstance(trainer.method, toy)
-    seen = [control.steps for control in trainer.method.controls]
+    assert isinstance(trainer.parts.method, toy)
+    seen = [control.steps for control in trainer.parts.method.controls]
     n, batch = 1238, 128  # digits training images less the validation split
     per_epoch = -(-n // batch)
     assert seen == [1] * per_epoch + [3] * per_epoch  # K_min in epoch 1, K_max in epoch 2
     assert summary["forward_passes"] == 2 * n  # the toy takes no gradient steps: 1 pass per image
-    assert 0 < trainer.method.largest_step <= cfg.method.eps + 1e-6  # inside the eps-ball
+    assert 0 < trainer.parts.method.largest_step <= cfg.method.eps + 1e-6  # inside the eps-ball
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert [r["K"] for r in rows] == [1, 3]
     assert json.loads((tmp_path / "summary.json").read_text())["final"]["examples"] == 359

@@ -264,7 +264,7 @@ def test_amata_eval_takes_last_unless_best_is_named(
 def test_resume_keeps_the_split_and_refuses_another(tmp_path: Path) -> None:
     cfg = compose_resolved(TINY)
     first = Trainer(cfg, tmp_path)
-    original = first.method.train_batch
+    original = first.parts.method.train_batch
     calls = {"n": 0}
 
     def train_batch(batch: Any, control: Any) -> Any:
@@ -273,18 +273,18 @@ def test_resume_keeps_the_split_and_refuses_another(tmp_path: Path) -> None:
             first.stop.signum = 15
         return original(batch, control)
 
-    first.method.train_batch = train_batch  # type: ignore[method-assign]
+    first.parts.method.train_batch = train_batch  # type: ignore[method-assign]
     from amata_runner.runtime.interrupts import Preempted
 
     with pytest.raises(Preempted):
         first.run()
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["validation"]
-    assert saved == first.validation.record() and saved["examples"] == 64
+    assert saved == first.parts.validation.record() and saved["examples"] == 64
 
     resume = compose_resolved([*TINY, "resume=true"])
     resumed = Trainer(resume, tmp_path)
-    assert resumed.validation.hash == saved["hash"]
-    assert torch.equal(resumed.validation.indices, first.validation.indices)
+    assert resumed.parts.validation.hash == saved["hash"]
+    assert torch.equal(resumed.parts.validation.indices, first.parts.validation.indices)
 
     # the same settings over changed data (one training image fewer): another split, refused
     real = build.load_run_data
@@ -336,9 +336,9 @@ def test_fast_checks_on_the_validation_batch_never_a_training_batch() -> None:
 def test_a_run_gives_fast_a_fixed_validation_batch(tmp_path: Path) -> None:
     cfg = compose_resolved([*TINY, "method=fast", "method.early_stop=true", "epochs=1"])
     trainer = Trainer(cfg, tmp_path)
-    batch = trainer.method.ctx.validation_batch
+    batch = trainer.parts.method.ctx.validation_batch
     assert batch is not None and batch[0].shape[0] == 32  # batch_size of the 64 held out
-    images = trainer.val_images
+    images = trainer.parts.val_images
     assert images is not None
     matches = [(images == x).flatten(1).all(1).nonzero().numel() for x in batch[0]]
     assert all(m >= 1 for m in matches)  # every check image is a validation image

@@ -28,19 +28,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from amata_runner.build import Run, build_run
 from amata_runner.control.schedules import Control
-from amata_runner.data import TestData, ValidationSplit
-from amata_runner.data.loader import DeviceLoader
-from amata_runner.data.streaming import StreamingLoader
 from amata_runner.evaluation import AttackSpec, EvalResult, evaluate
 from amata_runner.final_eval import final_attack_names, final_evaluation
 from amata_runner.logging import MetricsFile, MetricsSink, ProgressBar, build_sinks
 from amata_runner.logging.metrics import write_json_atomic
 from amata_runner.logging.progress import RunLog
-from amata_runner.methods import Method
 from amata_runner.runtime.checkpoint import BEST, LAST, copy_atomic, save_atomic
 from amata_runner.runtime.clock import TrainClock
 from amata_runner.runtime.interrupts import Preempted, StopRequests
-from amata_runner.runtime.nonfinite import GuardedSGD, NonFiniteLoss
+from amata_runner.runtime.nonfinite import NonFiniteLoss
 from amata_runner.runtime.provenance import collect as collect_provenance
 from amata_runner.runtime.provenance import now as timestamp
 from amata_runner.runtime.run_state import Progress, Start, checkpoint_state, prepare_start, restore
@@ -130,48 +126,11 @@ class Trainer:
         self._checked_iteration = 0  # the loss was last known finite at this iteration
         self.wandb_id: str | None = None
 
-    # The run's objects, under the names callers (and tests) reach for.
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.parts.model
-
-    @property
-    def optimizer(self) -> GuardedSGD:
-        return self.parts.optimizer
-
-    @property
-    def method(self) -> Method:
-        return self.parts.method
-
-    @property
-    def loader(self) -> DeviceLoader | StreamingLoader:
-        return self.parts.loader
-
-    @property
-    def precision(self) -> str:
-        return self.parts.precision
-
-    @property
-    def validation(self) -> ValidationSplit:
-        return self.parts.validation
-
-    @property
-    def val_images(self) -> torch.Tensor | None:
-        return self.parts.val_images
-
-    @property
-    def test_set(self) -> TestData:
-        return self.parts.test_set
-
-    @property
-    def epochs(self) -> int:
-        return self.parts.epochs
-
     # ------------------------------------------------------------------ helpers
     def control(self, epoch: int, iteration: int = 0) -> Control | None:
         """The control for this batch; an adaptive schedule decides here (on the train clock)."""
         schedule = self.parts.schedule
-        return None if schedule is None else schedule.decide(self.model, epoch, iteration)
+        return None if schedule is None else schedule.decide(self.parts.model, epoch, iteration)
 
     def _restore(self) -> bool:
         """Continue from the checkpoint :func:`prepare_start` chose, if it chose one."""
@@ -191,7 +150,7 @@ class Trainer:
         where = (
             f"in epoch {at.epoch + 1} at batch {at.batch + 1}"
             if at.batch
-            else f"after epoch {at.epoch} (of {self.epochs})"
+            else f"after epoch {at.epoch} (of {self.parts.epochs})"
         )
         log.info("resumed %s from %s %s", self.run_dir, start.path.name, where)
         return True
@@ -200,7 +159,7 @@ class Trainer:
         self, images: torch.Tensor, labels: torch.Tensor, attack: AttackSpec
     ) -> EvalResult:
         return evaluate(
-            self.model,
+            self.parts.model,
             images,
             labels,
             attack,
@@ -227,7 +186,7 @@ class Trainer:
         for sink in sinks:
             self.wandb_id = sink.run_id or self.wandb_id
         bar = ProgressBar(
-            total=self.epochs * len(self.loader),
+            total=self.parts.epochs * len(self.parts.loader),
             initial=self.progress.iteration,
             enabled=self.cfg.progress,
             desc=str(self.cfg.name),
@@ -235,8 +194,8 @@ class Trainer:
         self._bar = bar
         self.runlog = RunLog(
             self.run_dir,
-            epochs=self.epochs,
-            iterations=self.epochs * len(self.loader),
+            epochs=self.parts.epochs,
+            iterations=self.parts.epochs * len(self.parts.loader),
             done=self.progress.iteration,
             bar_shown=bar.shown,
             write=self.job.is_main,
@@ -263,13 +222,13 @@ class Trainer:
     def _train(self, metrics: MetricsFile, sinks: list[MetricsSink], bar: ProgressBar) -> None:
         if self.progress.stopped_early:  # a resumed run that its method had already ended
             return
-        cfg, method, loader = self.cfg, self.method, self.loader
+        cfg, method, loader = self.cfg, self.parts.method, self.parts.loader
         lr_scheduler, lr_per_iteration = self.parts.lr_scheduler, self.parts.lr_per_iteration
         every, by_iteration = cfg.eval.every, cfg.eval.unit == "iteration"
         schedule = self.parts.schedule
         per_iteration_control = schedule is not None and schedule.per_iteration
         last_row_iteration = metrics.rows[-1]["iteration"] if metrics.rows else -1
-        for epoch in range(self.progress.epoch, self.epochs):
+        for epoch in range(self.progress.epoch, self.parts.epochs):
             first = self.progress.batch  # > 0: resuming inside this epoch
             self.clock.start()
             control = self.control(epoch, first)
@@ -307,7 +266,7 @@ class Trainer:
             self.progress.stopped_early = stopping
             if stopping:
                 log.info("%s asked to stop after epoch %d", cfg.method.name, epoch + 1)
-            last_epoch = epoch + 1 == self.epochs or stopping
+            last_epoch = epoch + 1 == self.parts.epochs or stopping
             due = (not by_iteration and (epoch + 1) % every == 0) or last_epoch
             if due and last_row_iteration != self.progress.iteration:
                 self._emit(self._row(float(epoch + 1), control), metrics, sinks, bar)
@@ -341,7 +300,7 @@ class Trainer:
             self._check_skipped()
             return
         bad_loss = not bool(self.sums.finite.item())
-        bad_weights = not _all_finite(self.model, self.optimizer)
+        bad_weights = not _all_finite(self.parts.model, self.parts.optimizer)
         if self.job.any(bad_loss or bad_weights, self.device):
             what = "the training loss" if bad_loss else "the weights"
             raise NonFiniteLoss(
@@ -368,7 +327,7 @@ class Trainer:
 
     def _check_skipped(self) -> None:
         """nonfinite=skip: a run that refuses most of its steps is not training; fail it."""
-        attempted, skipped = self.optimizer.attempted, self.optimizer.skipped
+        attempted, skipped = self.parts.optimizer.attempted, self.parts.optimizer.skipped
         limit = float(self.cfg.nonfinite_skip_limit)
         if attempted and skipped / attempted > limit:
             raise NonFiniteLoss(
@@ -393,8 +352,8 @@ class Trainer:
             "train_seconds": self.clock.seconds,
             "forward_passes": parts.counter.forward * self.job.world,
             "backward_passes": parts.counter.backward * self.job.world,
-            **self.method.knobs(control),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            **self.parts.method.knobs(control),
+            "lr": self.parts.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
             "train_error": train_error,
             # clean_error / robust_error: the fixed test subset (eval_split says so); val_*: the
@@ -404,7 +363,7 @@ class Trainer:
             "eval_examples": result.total,
             "eval_split": "test",
             "eval_attack": parts.eval_attack.name,
-            **self.method.metrics(),
+            **self.parts.method.metrics(),
         }
         if val is not None:
             row["val_clean_error"] = val.clean_error
@@ -413,11 +372,12 @@ class Trainer:
         if parts.schedule is not None:
             row.update(parts.schedule.metrics())
         if self.skip_nonfinite:
-            row["skipped_steps"] = self.optimizer.skipped
-            row["skipped_fraction"] = self.optimizer.skipped / max(self.optimizer.attempted, 1)
+            optimizer = parts.optimizer
+            row["skipped_steps"] = optimizer.skipped
+            row["skipped_fraction"] = optimizer.skipped / max(optimizer.attempted, 1)
         criterion = parts.criterion
         if criterion is not None and control is not None and self._criterion_due(epoch):
-            row.update(criterion.measure(self.model, control.steps, control.step_size))
+            row.update(criterion.measure(parts.model, control.steps, control.step_size))
         # The best checkpoint is chosen on the validation split only; without one there is none.
         if val is not None and val.robust_accuracy > self.progress.best_robust_accuracy:
             self.progress.best_robust_accuracy = val.robust_accuracy
@@ -442,8 +402,8 @@ class Trainer:
 
     def _save_checkpoint(self, metrics: MetricsFile) -> None:
         self._check_finite()
-        self.progress.skipped_steps = self.optimizer.skipped
-        self.progress.optimizer_steps = self.optimizer.attempted
+        self.progress.skipped_steps = self.parts.optimizer.skipped
+        self.progress.optimizer_steps = self.parts.optimizer.attempted
         if not self.job.is_main:
             return
         with self.stop.deferred():  # a second signal lets the write finish first
@@ -469,7 +429,7 @@ class Trainer:
         if cfg.eval.final:
             names = final_attack_names(cfg)
             self._bar.evaluating(", ".join(names))
-            self.runlog.evaluating(names, len(self.test_set))
+            self.runlog.evaluating(names, len(self.parts.test_set))
             summary["final"] = final_evaluation(
                 cfg,
                 self.parts,
