@@ -201,7 +201,7 @@ def nan_after(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
         if calls["n"] >= batches:
             loss_sum = torch.full_like(loss_sum, float("nan"))
             with torch.no_grad():
-                next(self.model.parameters()).fill_(float("nan"))
+                next(self.parts.model.parameters()).fill_(float("nan"))
         original(self, loss_sum)
 
     monkeypatch.setattr(engine.Trainer, "_add_loss", add_loss)
@@ -244,9 +244,9 @@ def test_skip_mode_trains_through_bad_batches(
     def poisoned_step(self: Trainer, loss_sum: torch.Tensor) -> None:
         calls["n"] += 1
         if calls["n"] in (3, 7):  # what a NaN batch does: NaN loss and gradients
-            for p in self.model.parameters():
+            for p in self.parts.model.parameters():
                 p.grad = torch.full_like(p, float("nan"))
-            self.optimizer.step()
+            self.parts.optimizer.step()
             loss_sum = torch.full_like(loss_sum, float("nan"))
         original(self, loss_sum)
 

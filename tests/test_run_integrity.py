@@ -350,7 +350,7 @@ def test_weights_poisoned_by_an_epochs_last_step_are_never_saved(
         calls["n"] += 1
         if calls["n"] == 20:  # ... but the update left every weight NaN (10 batches per epoch)
             with torch.no_grad():
-                for p in self.model.parameters():
+                for p in self.parts.model.parameters():
                     p.fill_(float("nan"))
 
     monkeypatch.setattr(engine.Trainer, "_add_loss", poison_last_step_of_epoch_two)
