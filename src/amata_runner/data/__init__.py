@@ -16,7 +16,6 @@ from amata_runner.data.datasets import (
 from amata_runner.data.folders import FOLDER_AUGMENTS, FOLDER_DATASETS, EvalImages, ImageFiles
 from amata_runner.data.loader import Batch, CropFlip, DeviceLoader
 from amata_runner.data.registry import (
-    DATASET_NAMES,
     RunData,
     TestData,
     TrainData,
@@ -32,7 +31,6 @@ from amata_runner.data.streaming import StreamingLoader
 from amata_runner.data.validation import ValidationSplit
 
 __all__ = [
-    "DATASET_NAMES",
     "FOLDER_AUGMENTS",
     "FOLDER_DATASETS",
     "Batch",

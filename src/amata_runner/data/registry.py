@@ -41,7 +41,6 @@ from amata_runner.data.validation import ValidationSplit
 from amata_runner.errors import ConfigError
 
 __all__ = [
-    "DATASET_NAMES",
     "RunData",
     "TestData",
     "TrainData",
@@ -57,7 +56,6 @@ __all__ = [
 TrainData = ImageSet | ImageFiles
 TestData = ImageSet | EvalImages
 
-DATASET_NAMES = DATASETS  # the one list, in config/names.py (checked before torch loads)
 
 # Files torchvision needs on disk for each downloadable dataset, relative to dataset.root.
 _REQUIRED_FILES: dict[str, tuple[str, ...]] = {
@@ -106,7 +104,7 @@ def load_splits(cfg: DictConfig) -> tuple[TrainData, TestData]:
         )
     if name in FOLDER_DATASETS:
         return load_folder_splits(cfg)
-    raise ConfigError("dataset.name", name, "allowed: " + ", ".join(DATASET_NAMES))
+    raise ConfigError("dataset.name", name, "allowed: " + ", ".join(DATASETS))
 
 
 @dataclass
